@@ -1,0 +1,27 @@
+# Every target builds the environment first when it is missing (tools/venv.sh).
+PY := .venv/bin/python
+# A TPU VM exposes /dev/accel* or /dev/vfio; anywhere else run JAX on the CPU.
+JAX_PLATFORMS ?= $(shell ls /dev/accel* /dev/vfio >/dev/null 2>&1 || echo cpu)
+export JAX_PLATFORMS
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv demo serve test bench clean-venv-link
+
+venv:
+	@bash tools/venv.sh
+
+demo: venv
+	$(PY) examples/offline_batch.py
+
+serve: venv
+	bash examples/serve.sh --host $(HOST) --port $(PORT)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+clean-venv-link:
+	rm -f .venv
