@@ -1,2 +1,21 @@
-def register():
-    pass
+"""vLLM plugin entry point (`vllm.general_plugins`): registers jaxllm with tpu-inference.
+
+vLLM loads general plugins in every process it starts (API server, engine core,
+workers), so `register()` runs many times and must be idempotent.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from jaxllm.vllm_plugin import host
+
+    if not host.tpu_present():
+        host.adapt()

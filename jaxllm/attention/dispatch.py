@@ -1,0 +1,83 @@
+"""The attention call our models make: tpu-inference's Pallas kernel on TPU, ours elsewhere.
+
+Both run under the same `shard_map` partitioning as tpu-inference's
+`sharded_ragged_paged_attention`: query/KV heads on the attention-head mesh
+axes, the cache on its combined-head axis, request metadata on the data axes.
+So tensor parallelism behaves the same on TPU and on simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from tpu_inference.layers.common.attention_metadata import AttentionMetadata
+from tpu_inference.layers.common.sharding import ShardingAxisName
+from tpu_inference.utils import get_mesh_shape_product
+
+from jaxllm.attention.portable import ragged_paged_attention
+
+
+@functools.cache
+def on_tpu() -> bool:
+    return jax.devices()[0].platform == "tpu"
+
+
+def attention(
+    q: jax.Array,         # [T, N, H]
+    k: jax.Array,         # [T, K, H]
+    v: jax.Array,         # [T, K, H]
+    kv_cache: jax.Array,
+    metadata: AttentionMetadata,
+    mesh: Mesh,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    soft_cap: float | None = None,
+    update_kv_cache: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Ragged paged attention for one layer; returns `(new_kv_cache, out [T, N, H])`."""
+    md = metadata
+    if on_tpu():
+        if chunk_size is not None:
+            # The TPU kernel has sliding windows but no chunk mask; running it as a
+            # window would be silently wrong once a sequence crosses a chunk.
+            raise NotImplementedError(
+                f"chunked-local attention (chunk {chunk_size}) has no TPU kernel yet; "
+                f"serve with --max-model-len <= {chunk_size} so no sequence crosses a chunk")
+        from tpu_inference.layers.common.attention_interface import sharded_ragged_paged_attention
+        out, kv_cache = sharded_ragged_paged_attention(
+            mesh, q, k, v, kv_cache, md.seq_lens, md.block_tables, md.query_start_loc,
+            md.request_distribution, None, sm_scale, attention_chunk_size=sliding_window,
+            update_kv_cache=update_kv_cache, use_causal_mask=md.use_causal_mask,
+            attn_logits_soft_cap=soft_cap)
+        return kv_cache, out
+
+    k, v = _replicate_kv_heads(mesh, k, v)
+    qkv = P(ShardingAxisName.ATTN_DATA, ShardingAxisName.ATTN_HEAD, None)
+    cache = P(ShardingAxisName.ATTN_DATA, None, ShardingAxisName.ATTN_HEAD, None, None)
+    meta = P(ShardingAxisName.ATTN_DATA)
+    kernel = functools.partial(
+        ragged_paged_attention, sm_scale=sm_scale, sliding_window=sliding_window,
+        chunk_size=chunk_size, soft_cap=soft_cap, update_kv_cache=update_kv_cache,
+        use_causal_mask=md.use_causal_mask)
+    out, kv_cache = jax.shard_map(
+        kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta),
+        out_specs=(qkv, cache), check_vma=False,
+    )(q, k, v, kv_cache, md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
+    return kv_cache, out
+
+
+def _replicate_kv_heads(mesh: Mesh, k: jax.Array, v: jax.Array):
+    """Repeat KV heads up to the tensor-parallel degree, as the runner sizes the cache."""
+    tp = get_mesh_shape_product(mesh, ShardingAxisName.ATTN_HEAD)
+    num_kv_heads = k.shape[1]
+    if tp <= num_kv_heads:
+        return k, v
+    if tp % num_kv_heads:
+        raise ValueError(f"tensor parallelism {tp} is not a multiple of {num_kv_heads} KV heads")
+    return jnp.repeat(k, tp // num_kv_heads, axis=1), jnp.repeat(v, tp // num_kv_heads, axis=1)

@@ -1,0 +1,360 @@
+"""Ragged paged attention in pure JAX, for hosts where tpu-inference's Pallas kernel can't run.
+
+Same arguments, cache layout and results as tpu-inference's RPA v3 kernel
+(`kernels/ragged_paged_attention/v3/kernel.py`), plus a Llama 4 chunked-local mask.
+
+Layout. A batch is `T` query tokens packed request after request (`cu_q_lens`),
+decode-only requests first (`distribution = (decode_end, prefill_end, num_seqs)`).
+Request `r` owns pages `page_indices[r * pages_per_seq:]` holding its `kv_lens[r]`
+tokens, the new ones last. Each cache row (one token) is
+`[combined_slots // packing, packing, width]`; see `CacheLayout`.
+
+Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
+metadata, so work follows the tokens actually attended, not `max_model_len`:
+- decode rows go `DECODE_TILE` at a time, each row gathering its own pages, over
+  the KV blocks that the rows in the tile need;
+- every other request goes query block by query block, over only the KV blocks
+  its causal / sliding / chunked mask can reach.
+Softmax is the online (flash) form in fp32, so no `[q, kv_len]` score matrix exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows per decode tile, queries per prefill block, and KV tokens per block: big
+# enough that CPU loop overhead is small, small enough that a tile's gathered
+# pages stay in cache.
+DECODE_TILE = 8
+QUERY_BLOCK = 128
+KV_BLOCK_TOKENS = 256
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def dtype_packing(dtype) -> int:
+    """Values packed in 32 bits: 1 for fp32, 2 for bf16."""
+    return 4 // jnp.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Where K and V of each KV head sit inside one token's cache row.
+
+    The row is viewed flat as `[slots, width]`. tpu-inference uses two layouts:
+    - standard (`head_dim != 64`): slot 2k holds K of head k and slot 2k+1 its V,
+      each zero-padded to a width that is a multiple of 128;
+    - hd64 (`head_dim == 64`, its `kernel_hd64.py`): slot k holds K and V of head
+      k side by side, `[K(64) | V(64)]`.
+    """
+    num_kv_heads: int
+    head_dim: int
+    packing: int
+
+    @property
+    def side_by_side(self) -> bool:
+        return self.head_dim == 64
+
+    @property
+    def slots(self) -> int:
+        heads = self.num_kv_heads if self.side_by_side else 2 * self.num_kv_heads
+        return _align(heads, self.packing)
+
+    @property
+    def width(self) -> int:
+        return 128 if self.side_by_side else _align(self.head_dim, 128)
+
+    def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        return (num_pages, page_size, self.slots // self.packing, self.packing, self.width)
+
+    def merge(self, k: jax.Array, v: jax.Array) -> jax.Array:
+        """[T, K, H] x2 -> cache rows [T, slots // packing, packing, width]."""
+        t, heads, h = k.shape
+        if self.side_by_side:
+            rows = jnp.concatenate([k, v], axis=-1)                      # [T, K, 2H]
+        else:
+            rows = jnp.stack([k, v], axis=2).reshape(t, 2 * heads, h)    # [T, 2K, H]
+        rows = jnp.pad(rows, ((0, 0), (0, self.slots - rows.shape[1]), (0, self.width - rows.shape[2])))
+        return rows.reshape(t, self.slots // self.packing, self.packing, self.width)
+
+    def split(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cache rows [..., slots // packing, packing, width] -> K, V [..., K, H]."""
+        rows = rows.reshape(*rows.shape[:-3], self.slots, self.width)
+        heads, h = self.num_kv_heads, self.head_dim
+        if self.side_by_side:
+            return rows[..., :heads, :h], rows[..., :heads, h:2 * h]
+        return rows[..., 0:2 * heads:2, :h], rows[..., 1:2 * heads:2, :h]
+
+
+def ragged_paged_attention(
+    queries: jax.Array,       # [T, N, H]
+    keys: jax.Array,          # [T, K, H]
+    values: jax.Array,        # [T, K, H]
+    kv_cache: jax.Array,      # [num_pages, page_size, slots // packing, packing, width]
+    kv_lens: jax.Array,       # i32[max_num_seqs]
+    page_indices: jax.Array,  # i32[max_num_seqs * pages_per_seq]
+    cu_q_lens: jax.Array,     # i32[max_num_seqs + 1]
+    distribution: jax.Array,  # i32[3]
+    attention_sink: jax.Array | None = None,  # f32[N], an extra softmax logit per head
+    *,
+    sm_scale: float = 1.0,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    soft_cap: float | None = None,
+    update_kv_cache: bool = True,
+    use_causal_mask: bool = True,
+    q_scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    **kernel_tuning,  # the Pallas kernel's block-size knobs; meaningless here
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of `queries` over each request's paged KV; returns `(out [T, N, H], new_kv_cache)`.
+
+    The new `keys`/`values` are written into their pages first and attended to
+    like the rest. With `update_kv_cache=False` they are still attended to, but
+    the cache comes back unchanged (KV-shared layers).
+    Masks: causal (unless `use_causal_mask=False`), plus `q - sliding_window < k`,
+    plus `k // chunk_size == q // chunk_size`; `soft_cap` squashes scores with tanh.
+    """
+    if q_scale is not None or k_scale is not None or v_scale is not None:
+        raise NotImplementedError("portable ragged_paged_attention has no quantized (q/k/v_scale) KV cache")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    num_tokens, num_heads, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    layout = CacheLayout(num_kv_heads, head_dim, dtype_packing(kv_cache.dtype))
+    num_pages, page_size = kv_cache.shape[:2]
+    if kv_cache.shape != layout.cache_shape(num_pages, page_size):
+        raise ValueError(f"kv_cache shape {kv_cache.shape} does not match {num_kv_heads} KV heads of size "
+                         f"{head_dim} in {kv_cache.dtype}: expected {layout.cache_shape(num_pages, page_size)}")
+    if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
+        raise ValueError(f"keys/values dtype {keys.dtype}/{values.dtype} != kv_cache dtype {kv_cache.dtype}")
+
+    batch = _Batch.build(kv_lens, page_indices, cu_q_lens, distribution, num_tokens)
+    new_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
+
+    pages_per_block = max(1, KV_BLOCK_TOKENS // page_size)
+    masks = _Masks(use_causal_mask, sliding_window, chunk_size)
+    attend = _Attend(new_cache, layout, batch, pages_per_block, masks, sm_scale, soft_cap,
+                     attention_sink, num_heads)
+
+    pad = max(DECODE_TILE, QUERY_BLOCK)
+    q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
+    q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = jnp.zeros(q.shape, queries.dtype)
+    out = attend.decode_rows(q, out)
+    out = attend.query_blocks(q, out)
+    out = out[:num_tokens].reshape(num_tokens, num_heads, head_dim)
+    return out, (new_cache if update_kv_cache else kv_cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """Per-request and per-token views of the ragged metadata."""
+    kv_lens: jax.Array
+    page_indices: jax.Array
+    pages_per_seq: int
+    q_starts: jax.Array      # [R]
+    q_lens: jax.Array        # [R], 0 past num_seqs
+    decode_end: jax.Array    # decode requests are [0, decode_end)
+    decode_tokens: jax.Array  # ... and their tokens [0, decode_tokens)
+    num_seqs: jax.Array
+    token_request: jax.Array  # [T]
+    token_position: jax.Array  # [T], position in its sequence
+    token_valid: jax.Array     # [T], False for padding tokens
+
+    @classmethod
+    def build(cls, kv_lens, page_indices, cu_q_lens, distribution, num_tokens):
+        max_seqs = kv_lens.shape[0]
+        num_seqs = distribution[2]
+        live = jnp.arange(max_seqs) < num_seqs
+        q_starts = cu_q_lens[:-1]
+        q_lens = jnp.where(live, cu_q_lens[1:] - q_starts, 0)
+        # Entries past num_seqs are padding with arbitrary values: make the ends
+        # monotone so that a token maps to the live request that contains it.
+        ends = jnp.where(live, cu_q_lens[1:], jnp.iinfo(jnp.int32).max)
+        t = jnp.arange(num_tokens, dtype=jnp.int32)
+        request = jnp.minimum(jnp.searchsorted(ends, t, side="right"), max_seqs - 1).astype(jnp.int32)
+        valid = t < cu_q_lens[num_seqs]
+        position = kv_lens[request] - q_lens[request] + (t - q_starts[request])
+        return cls(kv_lens, page_indices, page_indices.shape[0] // max_seqs, q_starts, q_lens,
+                   distribution[0], cu_q_lens[distribution[0]], num_seqs, request, position, valid)
+
+    def pages(self, request, first_page, count):
+        """Page ids [..., count] of `request` from its `first_page`; past its table the ids are junk but in range."""
+        idx = request[..., None] * self.pages_per_seq + first_page[..., None] + jnp.arange(count)
+        return self.page_indices[jnp.minimum(idx, self.page_indices.shape[0] - 1)]
+
+
+def _write_kv(kv_cache, rows, batch: _Batch, page_size):
+    """Scatter each live token's cache row into its page slot; padding tokens write nothing."""
+    num_pages = kv_cache.shape[0]
+    page = batch.pages(batch.token_request, batch.token_position // page_size, 1)[:, 0]
+    slot = page * page_size + batch.token_position % page_size
+    slot = jnp.where(batch.token_valid, slot, num_pages * page_size)  # out of bounds -> dropped
+    flat = kv_cache.reshape(num_pages * page_size, *kv_cache.shape[2:])
+    return flat.at[slot].set(rows, mode="drop").reshape(kv_cache.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Masks:
+    causal: bool
+    sliding_window: int | None
+    chunk_size: int | None
+
+    def allowed(self, q_pos, k_pos, kv_len):
+        ok = k_pos < kv_len
+        if self.causal:
+            ok &= k_pos <= q_pos
+        if self.sliding_window is not None:
+            ok &= k_pos > q_pos - self.sliding_window
+        if self.chunk_size is not None:
+            ok &= k_pos // self.chunk_size == q_pos // self.chunk_size
+        return ok
+
+    def first_key(self, q_pos):
+        """Smallest key position that query position `q_pos` may attend to."""
+        first = jnp.zeros_like(q_pos)
+        if self.sliding_window is not None:
+            first = jnp.maximum(first, q_pos - self.sliding_window + 1)
+        if self.chunk_size is not None:
+            first = jnp.maximum(first, q_pos // self.chunk_size * self.chunk_size)
+        return first
+
+    def key_end(self, q_pos, kv_len):
+        """One past the largest key position that `q_pos` may attend to."""
+        return jnp.minimum(q_pos + 1, kv_len) if self.causal else kv_len
+
+
+@dataclasses.dataclass(frozen=True)
+class _Attend:
+    kv_cache: jax.Array
+    layout: CacheLayout
+    batch: _Batch
+    pages_per_block: int
+    masks: _Masks
+    sm_scale: float
+    soft_cap: float | None
+    sink: jax.Array | None
+    num_heads: int
+
+    @property
+    def block_tokens(self):
+        return self.pages_per_block * self.kv_cache.shape[1]
+
+    def _kv_block(self, request, block):
+        """K, V [..., block_tokens, K, H] in fp32 of KV block `block` of `request`."""
+        pages = self.batch.pages(request, block * self.pages_per_block, self.pages_per_block)
+        rows = self.kv_cache[pages]                      # [..., pages, page_size, slots/p, p, width]
+        rows = rows.reshape(*rows.shape[:-5], self.block_tokens, *rows.shape[-3:])
+        k, v = self.layout.split(rows)
+        return k.astype(jnp.float32), v.astype(jnp.float32)
+
+    def _init_state(self, q_shape):
+        """Online-softmax state (max, denominator, accumulator) for queries [..., q, K, G, H]."""
+        stat_shape = q_shape[:-1]
+        if self.sink is None:
+            m = jnp.full(stat_shape, -jnp.inf, jnp.float32)
+            l = jnp.zeros(stat_shape, jnp.float32)
+        else:  # the sink is one more logit that carries no value
+            kv_heads, group = q_shape[-3], q_shape[-2]
+            m = jnp.broadcast_to(self.sink.astype(jnp.float32).reshape(kv_heads, group), stat_shape)
+            l = jnp.ones(stat_shape, jnp.float32)
+        return m, l, jnp.zeros(q_shape, jnp.float32)
+
+    def _update(self, state, q, k, v, allowed):
+        """Fold one KV block into the state. q [..., q, K, G, H]; k, v [..., s, K, H]; allowed [..., q, s]."""
+        m, l, acc = state
+        s = jnp.einsum("...qkgh,...skh->...qkgs", q, k, preferred_element_type=jnp.float32) * self.sm_scale
+        if self.soft_cap is not None:
+            s = self.soft_cap * jnp.tanh(s / self.soft_cap)
+        allowed = allowed[..., :, None, None, :]
+        s = jnp.where(allowed, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing allowed yet
+        p = jnp.where(allowed, jnp.exp(s - m_safe[..., None]), 0.0)
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + p.sum(axis=-1)
+        acc = alpha[..., None] * acc + jnp.einsum("...qkgs,...skh->...qkgh", p, v)
+        return m_new, l, acc
+
+    @staticmethod
+    def _finish(state, dtype):
+        _, l, acc = state
+        return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(dtype)
+
+    def _attend_range(self, q, q_pos, request, kv_len, first_block, end_block):
+        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block)."""
+        def body(block, state):
+            k, v = self._kv_block(request, block)
+            k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
+            allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None])
+            return self._update(state, q.astype(jnp.float32), k, v, allowed)
+        return lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
+
+    def decode_rows(self, q, out):
+        """Tokens of the decode requests, DECODE_TILE at a time, each row gathering its own pages.
+
+        Decode requests come first, so their tokens are rows [0, cu_q_lens[decode_end]).
+        """
+        batch, tile = self.batch, DECODE_TILE
+        num_rows = batch.decode_tokens
+
+        def body(i, out):
+            rows = i * tile + jnp.arange(tile)
+            live = rows < num_rows
+            rows = jnp.minimum(rows, batch.token_request.shape[0] - 1)
+            request = batch.token_request[rows]
+            kv_len = jnp.where(live, batch.kv_lens[request], 0)
+            q_pos = batch.token_position[rows]
+            first = jnp.where(live, self.masks.first_key(q_pos), jnp.iinfo(jnp.int32).max).min()
+            end = jnp.where(live, self.masks.key_end(q_pos, kv_len), 0).max()
+            q_tile = lax.dynamic_slice_in_dim(q, i * tile, tile)[:, None]  # [tile, 1, K, G, H]
+            state = self._attend_range(q_tile, q_pos[:, None], request, kv_len,
+                                       first // self.block_tokens, _cdiv(end, self.block_tokens))
+            new = self._finish(state, out.dtype)[:, 0]
+            old = lax.dynamic_slice_in_dim(out, i * tile, tile)
+            return lax.dynamic_update_slice_in_dim(out, jnp.where(live[:, None, None, None], new, old), i * tile, 0)
+
+        return lax.fori_loop(0, _cdiv(num_rows, tile), body, out)
+
+    def query_blocks(self, q, out):
+        """Prefill and mixed requests, QUERY_BLOCK query tokens at a time."""
+        batch, bq = self.batch, QUERY_BLOCK
+
+        def request_body(r, out):
+            q_start, q_len, kv_len = batch.q_starts[r], batch.q_lens[r], batch.kv_lens[r]
+
+            def block_body(j, out):
+                offset = j * bq + jnp.arange(bq)
+                live = offset < q_len
+                q_pos = kv_len - q_len + offset
+                last_pos = kv_len - q_len + jnp.minimum((j + 1) * bq, q_len) - 1
+                first = self.masks.first_key(q_pos[0])
+                end = self.masks.key_end(last_pos, kv_len)
+                q_block = lax.dynamic_slice_in_dim(q, q_start + j * bq, bq)
+                state = self._attend_range(q_block, q_pos, r, kv_len,
+                                           first // self.block_tokens, _cdiv(end, self.block_tokens))
+                new = self._finish(state, out.dtype)
+                old = lax.dynamic_slice_in_dim(out, q_start + j * bq, bq)
+                return lax.dynamic_update_slice_in_dim(
+                    out, jnp.where(live[:, None, None, None], new, old), q_start + j * bq, 0)
+
+            return lax.fori_loop(0, _cdiv(q_len, bq), block_body, out)
+
+        return lax.fori_loop(batch.decode_end, batch.num_seqs, request_body, out)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
