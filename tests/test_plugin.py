@@ -1,0 +1,99 @@
+"""The plugin's registration and host adaptation, checked in-process (no engine)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import vllm_plugin
+from jaxllm.attention import ragged_paged_attention
+from jaxllm.vllm_plugin import host
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    vllm_plugin.register()
+
+
+def _adapted_names():
+    import tpu_inference.layers.common.attention_interface as attention_interface
+    import tpu_inference.models.common.compiler_options as compiler_options
+    import tpu_inference.utils as utils
+
+    return {
+        "step options": compiler_options.get_step_fn_compiler_options,
+        "sampling options": compiler_options.get_sampling_compiler_options,
+        "memory": utils.hbm_usage_bytes,
+        "mesh": utils.make_optimized_mesh,
+        "rpa": attention_interface.ragged_paged_attention,
+        "rpa hd64": attention_interface.ragged_paged_attention_hd64,
+    }
+
+
+def test_register_adapts_tpu_inference_to_the_cpu_host():
+    names = _adapted_names()
+    assert names["step options"]() == {} and names["sampling options"]() == {}
+    assert names["memory"] is host.host_memory_usage
+    assert names["mesh"] is host.plain_mesh
+    assert names["rpa"] is ragged_paged_attention and names["rpa hd64"] is ragged_paged_attention
+
+
+def test_register_twice_is_harmless():
+    import logging
+
+    before = _adapted_names()
+    handlers = logging.getLogger("vllm").handlers
+    filters_before = [len(h.filters) for h in handlers]
+    vllm_plugin.register()
+    vllm_plugin._registered = False  # as if a second process loaded the plugin afresh
+    try:
+        vllm_plugin.register()
+    finally:
+        vllm_plugin._registered = True
+    assert _adapted_names() == before
+    assert [len(h.filters) for h in handlers] == filters_before
+
+
+def test_runner_modules_imported_after_register_see_the_adaptations():
+    from tpu_inference.runner import decode_loop, tpu_runner
+
+    assert tpu_runner.make_optimized_mesh is host.plain_mesh
+    assert decode_loop.get_step_fn_compiler_options() == {}
+
+
+def test_tpu_detection_follows_jax_platforms(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not host.tpu_present()
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    assert host.tpu_present()
+
+
+def test_plain_mesh_keeps_device_order():
+    devices = jax.devices()
+    mesh = host.plain_mesh((1, len(devices)), ("data", "model"), devices=devices[::-1])
+    assert mesh.axis_names == ("data", "model")
+    assert list(mesh.devices.flat) == devices[::-1]
+
+
+def test_host_memory_counts_live_arrays_and_honours_the_setting(monkeypatch):
+    devices = jax.devices()[:1]
+    used_before, limit = host.host_memory_usage(devices)[0]
+    block = jax.device_put(jnp.ones((16, 2**20), jnp.float32), devices[0])  # 64 MiB
+    used_after, _ = host.host_memory_usage(devices)[0]
+    assert used_after - used_before >= block.nbytes
+    import psutil
+
+    assert 0 < limit <= psutil.virtual_memory().total // len(jax.local_devices())
+    monkeypatch.setenv(host.HOST_MEMORY_ENV, "1")
+    _, limit_1g = host.host_memory_usage(devices)[0]
+    assert limit_1g == 2**30 // len(jax.local_devices())
+    del block
+
+
+def test_kv_budget_scales_with_gpu_memory_utilization(monkeypatch):
+    """The runner's budget is limit * gpu_memory_utilization - used, summed over its devices."""
+    monkeypatch.setenv(host.HOST_MEMORY_ENV, "8")
+    usage = host.host_memory_usage(jax.devices())
+    budget = lambda utilization: sum(limit * utilization - used for used, limit in usage)
+    assert np.isclose(sum(limit for _, limit in usage), 8 * 2**30, rtol=1e-6)
+    assert budget(0.5) > 0 and np.isclose(budget(0.5) - budget(0.25), 0.25 * 8 * 2**30, rtol=1e-6)
