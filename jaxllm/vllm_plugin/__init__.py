@@ -15,7 +15,8 @@ def register() -> None:
         return
     _registered = True
 
-    from jaxllm.vllm_plugin import host
+    from jaxllm.vllm_plugin import host, models
 
     if not host.tpu_present():
-        host.adapt()
+        host.adapt()  # before anything imports tpu-inference's runner or model loader
+    models.register_models()
