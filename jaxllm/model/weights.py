@@ -115,7 +115,7 @@ def load_checkpoint(model: nnx.Module, model_dir: str, rules: list[Rule], *, mes
                                           f"{tuple(param.shape)}, the checkpoint gives {tuple(value.shape)}"
                                           + (" after conversion" if value is not array else ""))
                 spec = P(*(param.get_metadata("out_sharding", None) or ()))
-                param.value = jax.device_put(np.asarray(value).astype(dtype), NamedSharding(mesh, spec))
+                param.set_value(jax.device_put(np.asarray(value).astype(dtype), NamedSharding(mesh, spec)))
                 filled[target] = where
     missing = sorted(set(params) - set(filled))
     if missing:
