@@ -299,6 +299,8 @@ class _Attend:
         def body(block, state):
             k, v = self._kv_block(request, block)
             k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
+            # Slots past the sequence hold stale data, maybe NaN; 0 * NaN would leak through p @ v.
+            v = jnp.where((k_pos < kv_len[..., None])[..., None, None], v, 0.0)
             allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None])
             return self._update(state, q.astype(jnp.float32), k, v, allowed)
         return lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))

@@ -1,0 +1,13 @@
+"""Test-wide JAX setup; runs before any test module imports jax.
+
+Four simulated CPU devices let the sharding tests run a (1, 4) mesh on a CPU-only
+host. XLA reads the flag when the backend initialises, so it must be set here, at
+conftest import time, before anything imports jax.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=4"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
