@@ -28,13 +28,17 @@ from jaxllm.attention import CacheLayout, ragged_paged_attention
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 8, 2, 128, 16
 
 
-def timed(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))  # compile
+def timed(fn, *args, repeats=5, cache_arg=None):
+    """Best wall time of `fn(*args)`; with `cache_arg`, that argument is donated and replaced by the output's."""
+    args = list(args)
     best = float("inf")
-    for _ in range(repeats):
+    for attempt in range(repeats + 1):  # the first call compiles
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
+        out = jax.block_until_ready(fn(*args))
+        if attempt:
+            best = min(best, time.perf_counter() - start)
+        if cache_arg is not None:
+            args[cache_arg] = out[1]
     return best
 
 
@@ -83,7 +87,8 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(0)
     capacity = 4 * max(args.contexts)
-    rpa = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=HEAD_DIM ** -0.5)[0])
+    # The cache is donated, as the runner donates it, so the KV write is in place.
+    rpa = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=HEAD_DIM ** -0.5), donate_argnums=3)
     print(f"portable RPA on {jax.devices()[0].platform}: {NUM_HEADS} q heads, {NUM_KV_HEADS} kv heads, "
           f"head dim {HEAD_DIM}, page {PAGE_SIZE}, fp32, page table sized for {capacity} tokens")
     print(f"{'batch':>8} {'context':>8} {'RPA ms':>9} {'dense ms':>9} {'RPA/dense':>10}")
@@ -92,7 +97,7 @@ def main() -> None:
         for context in args.contexts:
             paged, q_lens = paged_case(context, args.batch, prefill, capacity, rng)
             qs, kvs = dense_case(context, q_lens, rng)
-            t_rpa = timed(rpa, *paged) * 1e3
+            t_rpa = timed(rpa, *paged, cache_arg=3) * 1e3
             t_dense = timed(dense_attention, qs, kvs) * 1e3
             rows.append((kind, context, t_rpa, t_dense))
             print(f"{kind:>8} {context:>8} {t_rpa:>9.2f} {t_dense:>9.2f} {t_rpa / t_dense:>10.2f}")

@@ -9,6 +9,11 @@ Request `r` owns pages `page_indices[r * pages_per_seq:]` holding its `kv_lens[r
 tokens, the new ones last. Each cache row (one token) is
 `[combined_slots // packing, packing, width]`; see `CacheLayout`.
 
+In place. The loops read the cache as it came in, with this step's new tokens
+overlaid from `keys`/`values`, and carry it through unchanged; the new tokens
+are scattered into it once, after the loops. So with the cache donated, as the
+runner donates it, XLA keeps one buffer and copies nothing.
+
 Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
 metadata, so work follows the tokens actually attended, not `max_model_len`:
 - decode rows go `DECODE_TILE` at a time, each row gathering its own pages, over
@@ -117,9 +122,9 @@ def ragged_paged_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of `queries` over each request's paged KV; returns `(out [T, N, H], new_kv_cache)`.
 
-    The new `keys`/`values` are written into their pages first and attended to
-    like the rest. With `update_kv_cache=False` they are still attended to, but
-    the cache comes back unchanged (KV-shared layers).
+    The new `keys`/`values` are attended to like the rest and written into their
+    pages. With `update_kv_cache=False` they are still attended to, but the cache
+    comes back unchanged (KV-shared layers).
     Masks: causal (unless `use_causal_mask=False`), plus `q - sliding_window < k`,
     plus `k // chunk_size == q // chunk_size`; `soft_cap` squashes scores with tanh.
     """
@@ -142,21 +147,23 @@ def ragged_paged_attention(
         raise ValueError(f"keys/values dtype {keys.dtype}/{values.dtype} != kv_cache dtype {kv_cache.dtype}")
 
     batch = _Batch.build(kv_lens, page_indices, cu_q_lens, distribution, num_tokens)
-    new_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
-
     pages_per_block = max(1, KV_BLOCK_TOKENS // page_size)
     masks = _Masks(use_causal_mask, sliding_window, chunk_size)
-    attend = _Attend(new_cache, layout, batch, pages_per_block, masks, sm_scale, soft_cap,
-                     attention_sink, num_heads)
+    attend = _Attend(layout, batch, keys.astype(jnp.float32), values.astype(jnp.float32), page_size,
+                     pages_per_block, masks, sm_scale, soft_cap, attention_sink, num_heads)
 
     pad = max(DECODE_TILE, QUERY_BLOCK)
     q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = jnp.zeros(q.shape, queries.dtype)
-    out = attend.decode_rows(q, out)
-    out = attend.query_blocks(q, out)
+    out, kv_cache = attend.decode_rows(q, out, kv_cache)
+    out, kv_cache = attend.query_blocks(q, out, kv_cache)
     out = out[:num_tokens].reshape(num_tokens, num_heads, head_dim)
-    return out, (new_cache if update_kv_cache else kv_cache)
+    if update_kv_cache:
+        # The barrier orders the write after every read of the cache, so it can be in place.
+        out, kv_cache = lax.optimization_barrier((out, kv_cache))
+        kv_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
+    return out, kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,12 +206,11 @@ class _Batch:
 
 def _write_kv(kv_cache, rows, batch: _Batch, page_size):
     """Scatter each live token's cache row into its page slot; padding tokens write nothing."""
-    num_pages = kv_cache.shape[0]
     page = batch.pages(batch.token_request, batch.token_position // page_size, 1)[:, 0]
-    slot = page * page_size + batch.token_position % page_size
-    slot = jnp.where(batch.token_valid, slot, num_pages * page_size)  # out of bounds -> dropped
-    flat = kv_cache.reshape(num_pages * page_size, *kv_cache.shape[2:])
-    return flat.at[slot].set(rows, mode="drop").reshape(kv_cache.shape)
+    page = jnp.where(batch.token_valid, page, kv_cache.shape[0])  # out of bounds -> dropped
+    # Indexed by (page, slot) on the cache's own shape: a flattened view would
+    # make XLA scatter in another layout and copy the whole cache back.
+    return kv_cache.at[page, batch.token_position % page_size].set(rows, mode="drop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,9 +245,11 @@ class _Masks:
 
 @dataclasses.dataclass(frozen=True)
 class _Attend:
-    kv_cache: jax.Array
     layout: CacheLayout
     batch: _Batch
+    new_keys: jax.Array    # [T, K, H] fp32, this step's tokens, overlaid on what the cache holds
+    new_values: jax.Array
+    page_size: int
     pages_per_block: int
     masks: _Masks
     sm_scale: float
@@ -251,15 +259,23 @@ class _Attend:
 
     @property
     def block_tokens(self):
-        return self.pages_per_block * self.kv_cache.shape[1]
+        return self.pages_per_block * self.page_size
 
-    def _kv_block(self, request, block):
-        """K, V [..., block_tokens, K, H] in fp32 of KV block `block` of `request`."""
+    def _kv_block(self, kv_cache, request, block, k_pos):
+        """K, V [..., block_tokens, K, H] in fp32 at positions k_pos of `request`: the cache, or this step's tokens."""
         pages = self.batch.pages(request, block * self.pages_per_block, self.pages_per_block)
-        rows = self.kv_cache[pages]                      # [..., pages, page_size, slots/p, p, width]
+        rows = kv_cache[pages]                      # [..., pages, page_size, slots/p, p, width]
         rows = rows.reshape(*rows.shape[:-5], self.block_tokens, *rows.shape[-3:])
         k, v = self.layout.split(rows)
-        return k.astype(jnp.float32), v.astype(jnp.float32)
+        batch = self.batch
+        kv_len = batch.kv_lens[request][..., None]
+        first_new = kv_len - batch.q_lens[request][..., None]
+        is_new = (k_pos >= first_new) & (k_pos < kv_len)
+        token = jnp.clip(batch.q_starts[request][..., None] + k_pos - first_new, 0, self.new_keys.shape[0] - 1)
+        is_new = is_new[..., None, None]
+        k = jnp.where(is_new, self.new_keys[token], k.astype(jnp.float32))
+        v = jnp.where(is_new, self.new_values[token], v.astype(jnp.float32))
+        return k, v
 
     def _init_state(self, q_shape):
         """Online-softmax state (max, denominator, accumulator) for queries [..., q, K, G, H]."""
@@ -294,18 +310,24 @@ class _Attend:
         _, l, acc = state
         return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(dtype)
 
-    def _attend_range(self, q, q_pos, request, kv_len, first_block, end_block):
-        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block)."""
-        def body(block, state):
-            k, v = self._kv_block(request, block)
+    def _attend_range(self, kv_cache, q, q_pos, request, kv_len, first_block, end_block):
+        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block).
+
+        Returns (attention output, kv_cache): the cache rides through the loop
+        unchanged, so XLA aliases it instead of copying it into the loop.
+        """
+        def body(block, carry):
+            state, kv_cache = carry
             k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
+            k, v = self._kv_block(kv_cache, request, block, k_pos)
             # Slots past the sequence hold stale data, maybe NaN; 0 * NaN would leak through p @ v.
             v = jnp.where((k_pos < kv_len[..., None])[..., None, None], v, 0.0)
             allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None])
-            return self._update(state, q.astype(jnp.float32), k, v, allowed)
-        return lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
+            return self._update(state, q.astype(jnp.float32), k, v, allowed), kv_cache
+        state, kv_cache = lax.fori_loop(first_block, end_block, body, (self._init_state(q.shape), kv_cache))
+        return self._finish(state, q.dtype), kv_cache
 
-    def decode_rows(self, q, out):
+    def decode_rows(self, q, out, kv_cache):
         """Tokens of the decode requests, DECODE_TILE at a time, each row gathering its own pages.
 
         Decode requests come first, so their tokens are rows [0, cu_q_lens[decode_end]).
@@ -313,7 +335,8 @@ class _Attend:
         batch, tile = self.batch, DECODE_TILE
         num_rows = batch.decode_tokens
 
-        def body(i, out):
+        def body(i, carry):
+            out, kv_cache = carry
             rows = i * tile + jnp.arange(tile)
             live = rows < num_rows
             rows = jnp.minimum(rows, batch.token_request.shape[0] - 1)
@@ -323,22 +346,24 @@ class _Attend:
             first = jnp.where(live, self.masks.first_key(q_pos), jnp.iinfo(jnp.int32).max).min()
             end = jnp.where(live, self.masks.key_end(q_pos, kv_len), 0).max()
             q_tile = lax.dynamic_slice_in_dim(q, i * tile, tile)[:, None]  # [tile, 1, K, G, H]
-            state = self._attend_range(q_tile, q_pos[:, None], request, kv_len,
-                                       first // self.block_tokens, _cdiv(end, self.block_tokens))
-            new = self._finish(state, out.dtype)[:, 0]
+            new, kv_cache = self._attend_range(kv_cache, q_tile, q_pos[:, None], request, kv_len,
+                                               first // self.block_tokens, _cdiv(end, self.block_tokens))
             old = lax.dynamic_slice_in_dim(out, i * tile, tile)
-            return lax.dynamic_update_slice_in_dim(out, jnp.where(live[:, None, None, None], new, old), i * tile, 0)
+            out = lax.dynamic_update_slice_in_dim(out, jnp.where(live[:, None, None, None], new[:, 0], old),
+                                                  i * tile, 0)
+            return out, kv_cache
 
-        return lax.fori_loop(0, _cdiv(num_rows, tile), body, out)
+        return lax.fori_loop(0, _cdiv(num_rows, tile), body, (out, kv_cache))
 
-    def query_blocks(self, q, out):
+    def query_blocks(self, q, out, kv_cache):
         """Prefill and mixed requests, QUERY_BLOCK query tokens at a time."""
         batch, bq = self.batch, QUERY_BLOCK
 
-        def request_body(r, out):
+        def request_body(r, carry):
             q_start, q_len, kv_len = batch.q_starts[r], batch.q_lens[r], batch.kv_lens[r]
 
-            def block_body(j, out):
+            def block_body(j, carry):
+                out, kv_cache = carry
                 offset = j * bq + jnp.arange(bq)
                 live = offset < q_len
                 q_pos = kv_len - q_len + offset
@@ -346,16 +371,16 @@ class _Attend:
                 first = self.masks.first_key(q_pos[0])
                 end = self.masks.key_end(last_pos, kv_len)
                 q_block = lax.dynamic_slice_in_dim(q, q_start + j * bq, bq)
-                state = self._attend_range(q_block, q_pos, r, kv_len,
-                                           first // self.block_tokens, _cdiv(end, self.block_tokens))
-                new = self._finish(state, out.dtype)
+                new, kv_cache = self._attend_range(kv_cache, q_block, q_pos, r, kv_len,
+                                                   first // self.block_tokens, _cdiv(end, self.block_tokens))
                 old = lax.dynamic_slice_in_dim(out, q_start + j * bq, bq)
-                return lax.dynamic_update_slice_in_dim(
+                out = lax.dynamic_update_slice_in_dim(
                     out, jnp.where(live[:, None, None, None], new, old), q_start + j * bq, 0)
+                return out, kv_cache
 
-            return lax.fori_loop(0, _cdiv(q_len, bq), block_body, out)
+            return lax.fori_loop(0, _cdiv(q_len, bq), block_body, carry)
 
-        return lax.fori_loop(batch.decode_end, batch.num_seqs, request_body, out)
+        return lax.fori_loop(batch.decode_end, batch.num_seqs, request_body, (out, kv_cache))
 
 
 def _cdiv(a, b):
