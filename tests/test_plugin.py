@@ -97,3 +97,22 @@ def test_kv_budget_scales_with_gpu_memory_utilization(monkeypatch):
     budget = lambda utilization: sum(limit * utilization - used for used, limit in usage)
     assert np.isclose(sum(limit for _, limit in usage), 8 * 2**30, rtol=1e-6)
     assert budget(0.5) > 0 and np.isclose(budget(0.5) - budget(0.25), 0.25 * 8 * 2**30, rtol=1e-6)
+
+
+def test_plain_llama4_architectures_resolve_to_ours_unless_opted_out(monkeypatch):
+    from types import SimpleNamespace
+
+    from tpu_inference.models.common import model_loader
+
+    from jaxllm.model.llama4 import JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration
+    from jaxllm.vllm_plugin.models import USE_BUILTIN_ENV
+
+    lookup = model_loader._get_model_architecture
+    for arch, ours in [("Llama4ForCausalLM", JaxLlama4ForCausalLM),
+                       ("Llama4ForConditionalGeneration", JaxLlama4ForConditionalGeneration),
+                       ("JaxLlama4ForCausalLM", JaxLlama4ForCausalLM)]:
+        assert lookup(SimpleNamespace(architectures=[arch])) is ours
+    monkeypatch.setenv(USE_BUILTIN_ENV, "1")
+    builtin = lookup(SimpleNamespace(architectures=["Llama4ForCausalLM"]))
+    assert builtin.__module__.startswith("tpu_inference.models.jax")
+    assert lookup(SimpleNamespace(architectures=["JaxLlama4ForCausalLM"])) is JaxLlama4ForCausalLM

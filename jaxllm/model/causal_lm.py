@@ -31,7 +31,9 @@ class CausalLM(nnx.Module):
         model_config = vllm_config.model_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
-        self.vllm_config = vllm_config
+        # Only plain values as static module state: nnx compares it between graphs, and
+        # transformers' per-layer (heterogeneous) configs such as Gemma 4's raise on `==`.
+        self.model_source = (model_config.model, model_config.revision)
         self.mesh = mesh
         self.config = config = self.config_class.from_hf(model_config.hf_config)
         self.dtype = dtype = to_jax_dtype(model_config.dtype)
@@ -54,8 +56,8 @@ class CausalLM(nnx.Module):
         tp = get_mesh_shape_product(mesh, Axis.ATTN_HEAD)
         return Axis.ATTN_HEAD if num_kv_heads % tp == 0 else None
 
-    def embedding_rules(self) -> list[Rule]:
-        rules = [Rule(r"model\.embed_tokens\.weight", ("embed",))]
+    def embedding_rules(self, embed_pattern: str = r"model\.embed_tokens\.weight") -> list[Rule]:
+        rules = [Rule(embed_pattern, ("embed",))]
         if self.config.tie_word_embeddings:
             return rules + [Rule(r"lm_head\.weight", (), lambda w: ())]  # a saved copy of the tied embedding
         return rules + [Rule(r"lm_head\.weight", ("lm_head",), transpose)]
@@ -64,17 +66,19 @@ class CausalLM(nnx.Module):
         return jnp.take(self.embed[...], input_ids, axis=0)
 
     @staticmethod
-    def layer_cache(i: int, layer_name_to_kvcache_index, attention_metadata):
+    def layer_cache(i: int, layer_name_to_kvcache_index, attention_metadata, metadata_layer: int | None = None):
         """(slot in the cache list, attention metadata) of layer i.
 
         The cache list is not in layer order (and KV-shared layers point at their
         donor's slot), so the slot always comes from the runner's map. With several
-        KV-cache groups the metadata is a dict keyed like the map.
+        KV-cache groups the metadata is a dict keyed like the map; a KV-shared layer
+        belongs to no group, so it passes its donor as `metadata_layer`.
         """
         name = f"layer.{i}"
         slot = dict(layer_name_to_kvcache_index)[name]
-        metadata = attention_metadata[name] if isinstance(attention_metadata, dict) else attention_metadata
-        return slot, metadata
+        if isinstance(attention_metadata, dict):
+            return slot, attention_metadata[f"layer.{i if metadata_layer is None else metadata_layer}"]
+        return slot, attention_metadata
 
     def compute_logits(self, hidden_states: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
@@ -82,8 +86,7 @@ class CausalLM(nnx.Module):
         return jnp.einsum("TD,DV->TV", hidden_states, self.lm_head[...])
 
     def load_weights(self, rng_key: jax.Array) -> None:
-        model_config = self.vllm_config.model_config
-        model_dir = resolve_model_dir(model_config.model, model_config.revision)
+        model_dir = resolve_model_dir(*self.model_source)
         load_checkpoint(self, model_dir, self.checkpoint_rules(), mesh=self.mesh, dtype=self.dtype,
                         strip_prefixes=self.checkpoint_prefixes, skip_prefixes=self.skipped_prefixes)
 

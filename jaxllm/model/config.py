@@ -84,3 +84,139 @@ class Llama4Config:
             intermediate_size=c.intermediate_size,
             intermediate_size_mlp=c.intermediate_size_mlp,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma4LayerConfig:
+    """What varies across Gemma 4's layers, resolved from `layer_types` and `per_layer_config`."""
+    sliding: bool               # sliding-window attention, else full (global) attention
+    head_dim: int
+    num_kv_heads: int
+    k_eq_v: bool                # V is the raw k projection (no v_proj)
+    rope_inv_freq: tuple[float, ...]
+    rope_scaling: float
+    kv_donor: int | None        # KV-shared layer: the earlier layer whose cache it reads; else None
+    intermediate_size: int      # the dense MLP (doubled on KV-shared layers with use_double_wide_mlp)
+
+
+_GEMMA4_LAYER_TYPES = ("sliding_attention", "full_attention")
+# Attributes transformers may store per layer that we read per layer.
+_GEMMA4_PER_LAYER_FIELDS = {"head_dim", "num_key_value_heads"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma4Config:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    hidden_activation: str
+    sliding_window: int | None
+    final_logit_softcapping: float | None
+    layers: tuple[Gemma4LayerConfig, ...]
+    # MoE block (every layer, beside the dense MLP) when enable_moe_block.
+    enable_moe_block: bool
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    # Per-layer inputs (PLE): 0 means off.
+    hidden_size_per_layer_input: int
+    vocab_size_per_layer_input: int
+
+    @property
+    def kv_donors(self) -> frozenset[int]:
+        """Layers whose K/V a later, KV-shared layer reads."""
+        return frozenset(layer.kv_donor for layer in self.layers if layer.kv_donor is not None)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "Gemma4Config":
+        from jaxllm.model.mlp import ACTIVATIONS
+
+        c = text_config(hf_config)
+        _require(not c.attention_bias, "Gemma 4 attention_bias=True is not supported")
+        _require(c.use_bidirectional_attention in (None, "vision"),
+                 f"Gemma 4 use_bidirectional_attention={c.use_bidirectional_attention!r}: only causal text "
+                 "attention is supported (None or 'vision', which is causal for text)")
+        _require(c.hidden_activation in ACTIVATIONS,
+                 f"Gemma 4 hidden_activation={c.hidden_activation!r}: supported are {sorted(ACTIVATIONS)}")
+        per_layer = set(c.per_layer_attributes or ()) - _GEMMA4_PER_LAYER_FIELDS
+        _require(not per_layer, f"Gemma 4 per_layer_config overrides {sorted(per_layer)}: only "
+                                f"{sorted(_GEMMA4_PER_LAYER_FIELDS)} may vary per layer")
+        num_layers = c.num_hidden_layers
+        layer_types = tuple(c.layer_types)
+        _require(len(layer_types) == num_layers,
+                 f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+        unknown = sorted(set(layer_types) - set(_GEMMA4_LAYER_TYPES))
+        _require(not unknown, f"Gemma 4 layer_types {unknown}: supported are {list(_GEMMA4_LAYER_TYPES)}")
+        for layer_type in set(layer_types):
+            _require(bool((c.rope_parameters or {}).get(layer_type)),
+                     f"Gemma 4 rope_parameters has no entry for {layer_type!r} (NoPE layers are not supported)")
+        if "sliding_attention" in layer_types:
+            _require(bool(c.sliding_window), f"Gemma 4 sliding_window={c.sliding_window!r} with sliding layers")
+
+        # KV sharing: the last num_kv_shared_layers layers read the K/V of the last earlier
+        # layer of their type (transformers' `store_full_length_kv` / tpu-inference's kv_share map).
+        num_shared = c.num_kv_shared_layers or 0
+        first_shared = num_layers - num_shared
+        _require(0 <= num_shared < num_layers, f"Gemma 4 num_kv_shared_layers={num_shared} of {num_layers} layers")
+        earlier = layer_types[:first_shared]
+
+        def donor(i: int) -> int | None:
+            if i < first_shared:
+                return None
+            _require(layer_types[i] in earlier, f"Gemma 4 num_kv_shared_layers={num_shared}: shared layer {i} "
+                                                f"({layer_types[i]}) has no earlier {layer_types[i]} layer to read")
+            return len(earlier) - 1 - earlier[::-1].index(layer_types[i])
+
+        rope: dict[tuple[str, int], tuple[tuple[float, ...], float]] = {}
+        layers = []
+        for i, layer_type in enumerate(layer_types):
+            lc = c.per_layer_config[i]  # this layer's view: its own head_dim / num_key_value_heads
+            sliding = layer_type == "sliding_attention"
+            if (layer_type, lc.head_dim) not in rope:
+                rope[layer_type, lc.head_dim] = rope_frequencies(lc, layer_type)
+            inv_freq, scaling = rope[layer_type, lc.head_dim]
+            shared = donor(i)
+            layers.append(Gemma4LayerConfig(
+                sliding=sliding,
+                head_dim=lc.head_dim,
+                num_kv_heads=lc.num_key_value_heads,
+                k_eq_v=bool(c.attention_k_eq_v) and not sliding,
+                rope_inv_freq=inv_freq,
+                rope_scaling=scaling,
+                kv_donor=shared,
+                intermediate_size=c.intermediate_size * (2 if c.use_double_wide_mlp and shared is not None else 1),
+            ))
+        for i, layer in enumerate(layers):
+            if layer.kv_donor is not None:
+                d = layers[layer.kv_donor]
+                _require((d.head_dim, d.num_kv_heads) == (layer.head_dim, layer.num_kv_heads),
+                         f"Gemma 4 KV-shared layer {i} has head_dim/num_key_value_heads "
+                         f"{layer.head_dim}/{layer.num_kv_heads}, its donor {layer.kv_donor} "
+                         f"{d.head_dim}/{d.num_kv_heads}")
+
+        moe = bool(c.enable_moe_block)
+        if moe:
+            for field in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+                _require(getattr(c, field) is not None, f"Gemma 4 enable_moe_block=True needs {field}")
+        ple = c.hidden_size_per_layer_input or 0
+        return cls(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_layers=num_layers,
+            num_heads=c.num_attention_heads,
+            rms_norm_eps=c.rms_norm_eps,
+            tie_word_embeddings=bool(c.tie_word_embeddings),
+            hidden_activation=c.hidden_activation,
+            sliding_window=c.sliding_window if "sliding_attention" in layer_types else None,
+            final_logit_softcapping=c.final_logit_softcapping,
+            layers=tuple(layers),
+            enable_moe_block=moe,
+            num_experts=c.num_experts if moe else 0,
+            top_k_experts=c.top_k_experts if moe else 0,
+            moe_intermediate_size=c.moe_intermediate_size if moe else 0,
+            hidden_size_per_layer_input=ple,
+            vocab_size_per_layer_input=c.vocab_size_per_layer_input if ple else 0,
+        )

@@ -1,4 +1,4 @@
-"""Feed-forward blocks: the gated MLP and Llama 4's mixture of experts."""
+"""Feed-forward blocks: the gated MLP and the Llama 4 / Gemma 4 mixtures of experts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 
-from jaxllm.model.params import param
+from jaxllm.model.norms import rms_normalize
+from jaxllm.model.params import ones, param
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -79,3 +80,33 @@ class Llama4MoE(nnx.Module):
         chosen = top_k_mask(logits, self.top_k)
         scores = jnp.where(chosen, jax.nn.sigmoid(logits.astype(jnp.float32)), 0.0)
         return self.shared_expert(x) + self.experts(x, scores, weight_inputs=True)
+
+
+class Gemma4MoE(nnx.Module):
+    """Gemma 4's expert branch (it runs beside the layer's dense MLP).
+
+    Router: weightless RMS norm of its input, times `router_scale` and hidden^-0.5,
+    projection, softmax over all experts, top-k, renormalised to sum 1, times each
+    chosen expert's `per_expert_scale`. The weights scale the expert *outputs*.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, activation: str,
+                 eps: float, dtype, rngs: nnx.Rngs):
+        self.top_k, self.eps, self.hidden = top_k, eps, hidden
+        self.router_proj = param(rngs, (hidden, num_experts), dtype, (None, None))
+        self.router_scale = ones((hidden,), dtype)
+        self.per_expert_scale = ones((num_experts,), dtype)
+        self.experts = Experts(num_experts, hidden, intermediate, activation, dtype, rngs)
+
+    def route(self, x: jax.Array) -> jax.Array:
+        """Dense [T, E] fp32 expert weights, zero outside each token's top k."""
+        h = rms_normalize(x, self.eps) * self.router_scale[...].astype(x.dtype)
+        h = h * jnp.asarray(self.hidden ** -0.5, x.dtype)
+        probs = jax.nn.softmax(jnp.einsum("TD,DE->TE", h, self.router_proj[...]).astype(jnp.float32), axis=-1)
+        top, index = jax.lax.top_k(probs, self.top_k)
+        top = top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[...].astype(jnp.float32)[index]
+        rows = jnp.arange(x.shape[0])[:, None]
+        return jnp.zeros(probs.shape, jnp.float32).at[rows, index].set(top)
+
+    def __call__(self, router_input: jax.Array, expert_input: jax.Array) -> jax.Array:
+        return self.experts(expert_input, self.route(router_input), weight_inputs=False)

@@ -23,3 +23,11 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Normalised in fp32, cast back, then scaled: HF's order, which matters in bf16.
         return rms_normalize(x, self.eps) * self.weight[...].astype(x.dtype)
+
+
+class RMSNormScaledInFP32(RMSNorm):
+    """`x * rsqrt(mean x^2 + eps) * weight`, scaled in fp32 and only then cast back: Gemma 4's order."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        normed = rms_normalize(x.astype(jnp.float32), self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)

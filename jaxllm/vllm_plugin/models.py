@@ -19,11 +19,14 @@ USE_BUILTIN_ENV = "JAXLLM_USE_BUILTIN_MODELS"
 
 
 def our_models() -> dict[str, type]:
+    from jaxllm.model.gemma4 import JaxGemma4ForCausalLM, JaxGemma4ForConditionalGeneration
     from jaxllm.model.llama4 import JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration
 
     return {
         "JaxLlama4ForCausalLM": JaxLlama4ForCausalLM,
         "JaxLlama4ForConditionalGeneration": JaxLlama4ForConditionalGeneration,
+        "JaxGemma4ForCausalLM": JaxGemma4ForCausalLM,
+        "JaxGemma4ForConditionalGeneration": JaxGemma4ForConditionalGeneration,
     }
 
 
@@ -31,6 +34,8 @@ def our_models() -> dict[str, type]:
 DEFAULT_FOR = {
     "Llama4ForCausalLM": "JaxLlama4ForCausalLM",
     "Llama4ForConditionalGeneration": "JaxLlama4ForConditionalGeneration",
+    "Gemma4ForCausalLM": "JaxGemma4ForCausalLM",
+    "Gemma4ForConditionalGeneration": "JaxGemma4ForConditionalGeneration",
 }
 
 
