@@ -26,8 +26,9 @@ DEFAULT_PROMPTS = [
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder or hub name; default: a locally built small checkpoint")
-    p.add_argument("--arch", nargs="+", default=["llama"], choices=["llama", "llama4", "gemma4"],
-                   help="architectures of the locally built checkpoints (ignored with --model)")
+    p.add_argument("--arch", nargs="+", default=["llama4", "gemma4"], choices=["llama", "llama4", "gemma4"],
+                   help="architectures of the locally built checkpoints (ignored with --model); "
+                        "llama is plain Llama 3, served by tpu-inference's built-in model")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="size of the local checkpoints")
     p.add_argument("--prompts", help="text file, one prompt per line; default: built-in prompts")
     p.add_argument("--max-tokens", type=int, default=32)

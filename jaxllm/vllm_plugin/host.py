@@ -163,6 +163,10 @@ class _DropHarmlessNoise(logging.Filter):
 
 
 def _quiet_known_noise() -> None:
+    import warnings
+
+    # The runner donates small index arrays that the CPU backend cannot reuse; nothing is lost.
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     # tpu-inference logs through vLLM's "vllm" logger, whose handlers see every record.
     for handler in logging.getLogger("vllm").handlers:
         if not any(isinstance(f, _DropHarmlessNoise) for f in handler.filters):
