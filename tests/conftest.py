@@ -11,3 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=4"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
+
+# End-to-end tests start several engines; tpu-inference's warm-up compilation of every
+# bucket would dominate their time, and jit compiles what the tests use anyway.
+os.environ.setdefault("SKIP_JAX_PRECOMPILE", "1")
