@@ -1,4 +1,4 @@
-"""Llama 4 served end to end by vLLM (LLM.generate) with tpu-inference's runner on the CPU.
+"""Llama 4 and Gemma 4 served end to end by vLLM (LLM.generate) with tpu-inference's runner on the CPU.
 
 Greedy tokens must equal Hugging Face's greedy decoding. The reference decodes by
 repeated full forwards (no KV cache), the plain definition of the model.
@@ -12,7 +12,7 @@ import torch
 from jaxllm.checkpoints import cached_checkpoint
 
 PROMPTS = ["The quick brown fox", "Hello, my name is", "In machine learning, attention is"]
-MAX_TOKENS = 24  # decode past the tiny model's 16-token chunk
+MAX_TOKENS = 24  # decode past the tiny Llama 4's 16-token chunk and the tiny Gemma 4's 8-token window
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,10 @@ def checkpoint():
     return cached_checkpoint("llama4", "tiny")
 
 
-def hf_greedy(path, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+def hf_greedy(path, prompt_ids: list[list[int]], max_tokens: int, auto_class=None) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(str(path), dtype=torch.float32)
     outputs = []
     for ids in prompt_ids:
         ids = list(ids)
@@ -55,6 +55,17 @@ def generate(path, **engine_args):
 def test_greedy_generation_matches_hf(checkpoint, engine_args):
     prompt_ids, tokens = generate(checkpoint, **engine_args)
     assert tokens == hf_greedy(checkpoint, prompt_ids, MAX_TOKENS)
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+def test_gemma4_greedy_generation_matches_hf(multimodal):
+    from transformers import AutoModelForImageTextToText
+
+    path = cached_checkpoint("gemma4", "tiny", multimodal=multimodal)
+    # Text-only serving of a multimodal checkpoint: no image or video inputs.
+    extra = {"limit_mm_per_prompt": {"image": 0, "video": 0}} if multimodal else {}
+    prompt_ids, tokens = generate(path, **extra)
+    assert tokens == hf_greedy(path, prompt_ids, MAX_TOKENS, AutoModelForImageTextToText if multimodal else None)
 
 
 def test_dummy_weights_generate(checkpoint):
