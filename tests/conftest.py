@@ -15,3 +15,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # End-to-end tests start several engines; tpu-inference's warm-up compilation of every
 # bucket would dominate their time, and jit compiles what the tests use anyway.
 os.environ.setdefault("SKIP_JAX_PRECOMPILE", "1")
+
+# Modules that start vLLM engines. vLLM forks the engine-core process, and a process
+# whose XLA backend already runs threads cannot be forked safely (the child aborts),
+# so these run first, before any in-process test initialises JAX's CPU backend.
+ENGINE_MODULES = ("test_async_scheduling.py", "test_vllm_generate.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.fspath.basename not in ENGINE_MODULES)

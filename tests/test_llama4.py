@@ -191,10 +191,14 @@ def test_unexpected_tensor_is_named(checkpoint, tmp_path):
         load_model(JaxLlama4ForCausalLM, broken)
 
 
-def test_unsupported_config_is_refused_by_name(checkpoint):
+@pytest.mark.parametrize("field, value, named", [
+    ("hidden_act", "gelu", "hidden_act"),
+    ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "rope_type='dynamic'"),
+])
+def test_unsupported_config_is_refused_by_name(checkpoint, field, value, named):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(checkpoint)
-    config.hidden_act = "gelu"
-    with pytest.raises(UnsupportedConfigError, match="hidden_act"):
+    setattr(config, field, value)
+    with pytest.raises(UnsupportedConfigError, match=named):
         Llama4Config.from_hf(config)

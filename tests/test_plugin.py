@@ -41,15 +41,16 @@ def test_register_adapts_tpu_inference_to_the_cpu_host():
 def test_register_twice_is_harmless():
     import logging
 
+    def register_afresh():  # as a new process loading the plugin would
+        vllm_plugin._registered = False
+        vllm_plugin.register()
+
+    register_afresh()
     before = _adapted_names()
     handlers = logging.getLogger("vllm").handlers
     filters_before = [len(h.filters) for h in handlers]
+    register_afresh()
     vllm_plugin.register()
-    vllm_plugin._registered = False  # as if a second process loaded the plugin afresh
-    try:
-        vllm_plugin.register()
-    finally:
-        vllm_plugin._registered = True
     assert _adapted_names() == before
     assert [len(h.filters) for h in handlers] == filters_before
 

@@ -1,38 +1,60 @@
 """Llama 4 and Gemma 4 served end to end by vLLM (LLM.generate) with tpu-inference's runner on the CPU.
 
-Greedy tokens must equal Hugging Face's greedy decoding. The reference decodes by
-repeated full forwards (no KV cache), the plain definition of the model.
+Greedy tokens must equal Hugging Face's greedy decoding, and each sampled token's
+logprob HF's log-softmax within 1e-4 (fp32; our logits differ from HF's by ~1e-5,
+a wrong mask or weight by > 1e-2). The reference decodes by repeated full
+forwards (no KV cache), the plain definition of the model. One prompt is longer
+than the tiny Llama 4's 16-token chunk and the tiny Gemma 4's 8-token window, and
+decoding runs past both.
 """
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 
 from jaxllm.checkpoints import cached_checkpoint
 
-PROMPTS = ["The quick brown fox", "Hello, my name is", "In machine learning, attention is"]
-MAX_TOKENS = 24  # decode past the tiny Llama 4's 16-token chunk and the tiny Gemma 4's 8-token window
+PROMPTS = ["The quick brown fox", "Hello, my name is",
+           "In machine learning, attention is a mechanism that lets every token look at the others, and"]
+MAX_TOKENS = 24
+LOGPROB_ATOL = 1e-4
+
+CASES = {
+    # name: (arch, checkpoint overrides, engine args)
+    "llama4-mixed": ("llama4", {}, {}),  # MoE every 2nd layer, plain checkpoint: ours by default
+    "llama4-dense": ("llama4", {"moe_layers": []}, {}),
+    "llama4-moe": ("llama4", {"interleave_moe_layer_step": 1}, {}),
+    "llama4-hf-overrides": ("llama4", {}, {"hf_overrides": {"architectures": ["JaxLlama4ForCausalLM"]}}),
+    "llama4-tp2": ("llama4", {}, {"tensor_parallel_size": 2}),
+    "llama4-tp4": ("llama4", {}, {"tensor_parallel_size": 4}),
+    "gemma4-dense": ("gemma4", {}, {}),
+    "gemma4-moe": ("gemma4", {"enable_moe_block": True}, {}),
+    "gemma4-tp2": ("gemma4", {}, {"tensor_parallel_size": 2}),
+    "gemma4-tp4": ("gemma4", {"enable_moe_block": True}, {"tensor_parallel_size": 4}),
+    # Text-only serving of a multimodal checkpoint: no image or video inputs.
+    "gemma4-multimodal": ("gemma4", {"multimodal": True}, {"limit_mm_per_prompt": {"image": 0, "video": 0}}),
+}
 
 
-@pytest.fixture(scope="module")
-def checkpoint():
-    return cached_checkpoint("llama4", "tiny")
+def hf_greedy(path, prompt_ids, max_tokens, multimodal=False):
+    """HF's greedy tokens and their logprobs, by full forwards."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-
-def hf_greedy(path, prompt_ids: list[list[int]], max_tokens: int, auto_class=None) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = (auto_class or AutoModelForCausalLM).from_pretrained(str(path), dtype=torch.float32)
-    outputs = []
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    model = auto.from_pretrained(str(path), dtype=torch.float32)
+    tokens, logprobs = [], []
     for ids in prompt_ids:
-        ids = list(ids)
-        start = len(ids)
+        ids, start, chosen = list(ids), len(ids), []
         with torch.no_grad():
             for _ in range(max_tokens):
-                ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
-        outputs.append(ids[start:])
-    return outputs
+                logp = torch.log_softmax(model(torch.tensor([ids]), use_cache=False).logits[0, -1].double(), -1)
+                ids.append(int(logp.argmax()))
+                chosen.append(float(logp[ids[-1]]))
+        tokens.append(ids[start:])
+        logprobs.append(chosen)
+    return tokens, logprobs
 
 
 def generate(path, **engine_args):
@@ -41,34 +63,29 @@ def generate(path, **engine_args):
     llm = LLM(model=str(path), max_model_len=256, max_num_seqs=8, dtype="float32",
               num_gpu_blocks_override=64, seed=0, **engine_args)
     try:
-        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-        return [o.prompt_token_ids for o in outputs], [list(o.outputs[0].token_ids) for o in outputs]
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
+                                                       logprobs=1))
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, toks)]
+                    for o, toks in zip(outputs, tokens)]
+        return [o.prompt_token_ids for o in outputs], tokens, logprobs
     finally:
         del llm
         gc.collect()
 
 
-@pytest.mark.parametrize("engine_args", [
-    {},  # the plain Llama4ForCausalLM checkpoint: ours by default
-    {"hf_overrides": {"architectures": ["JaxLlama4ForCausalLM"]}},
-], ids=["default", "hf-overrides"])
-def test_greedy_generation_matches_hf(checkpoint, engine_args):
-    prompt_ids, tokens = generate(checkpoint, **engine_args)
-    assert tokens == hf_greedy(checkpoint, prompt_ids, MAX_TOKENS)
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_tokens_and_logprobs_match_hf(case):
+    arch, overrides, engine_args = CASES[case]
+    path = cached_checkpoint(arch, "tiny", **overrides)
+    prompt_ids, tokens, logprobs = generate(path, **engine_args)
+    assert max(map(len, prompt_ids)) > 16
+    expected_tokens, expected_logprobs = hf_greedy(path, prompt_ids, MAX_TOKENS, overrides.get("multimodal", False))
+    assert tokens == expected_tokens
+    np.testing.assert_allclose(logprobs, expected_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
-def test_gemma4_greedy_generation_matches_hf(multimodal):
-    from transformers import AutoModelForImageTextToText
-
-    path = cached_checkpoint("gemma4", "tiny", multimodal=multimodal)
-    # Text-only serving of a multimodal checkpoint: no image or video inputs.
-    extra = {"limit_mm_per_prompt": {"image": 0, "video": 0}} if multimodal else {}
-    prompt_ids, tokens = generate(path, **extra)
-    assert tokens == hf_greedy(path, prompt_ids, MAX_TOKENS, AutoModelForImageTextToText if multimodal else None)
-
-
-def test_dummy_weights_generate(checkpoint):
+def test_dummy_weights_generate():
     """load_format="dummy": random weights from __init__, no checkpoint read."""
-    _, tokens = generate(checkpoint, load_format="dummy")
+    _, tokens, _ = generate(cached_checkpoint("llama4", "tiny"), load_format="dummy")
     assert all(len(t) == MAX_TOKENS for t in tokens)
