@@ -9,6 +9,7 @@ Hugging Face's full forward over the same sequence.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,18 @@ def load_model(cls, path, *, mesh=None, dtype="float32", max_model_len=256):
         model = nnx.eval_shape(lambda: cls(config, jax.random.key(0), mesh))
         model.load_weights(jax.random.key(0))
     return model, mesh
+
+
+def broken_copy(checkpoint, tmp_path, edit):
+    """A copy of `checkpoint` whose tensors `edit(dict)` has changed (removed, reshaped, added)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "broken"
+    shutil.copytree(checkpoint, out)
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def hf_logits(path, ids, auto_class=None) -> np.ndarray:

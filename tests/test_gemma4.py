@@ -21,16 +21,14 @@ ragged batches.
 """
 
 import dataclasses
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from harness import PAGE_SIZE, Engine, auto_mesh, hf_logits, load_model, vllm_config
+from harness import broken_copy, PAGE_SIZE, Engine, auto_mesh, hf_logits, load_model, vllm_config
 from jaxllm.attention import CacheLayout
 from jaxllm.checkpoints import cached_checkpoint
 from jaxllm.model import gemma4
@@ -273,31 +271,22 @@ def test_tensor_parallel_on_four_devices_pads_kv_heads_like_the_runner():
     np.testing.assert_allclose(logits, hf_logits(path, SEQ), atol=ATOL, rtol=0)
 
 
-def _broken_copy(checkpoint, tmp_path, edit):
-    out = tmp_path / "broken"
-    shutil.copytree(checkpoint, out)
-    tensors = load_file(out / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
 def test_missing_tensor_is_named(dense, tmp_path):
     name = "model.layers.5.self_attn.v_proj.weight"
-    broken = _broken_copy(dense[0], tmp_path, lambda t: t.pop(name))
+    broken = broken_copy(dense[0], tmp_path, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"layers\.5\.attn\.v_proj"):
         load_model(JaxGemma4ForCausalLM, broken)
 
 
 def test_misshaped_tensor_is_named_with_its_file(dense, tmp_path):
     name = "model.layers.5.self_attn.k_proj.weight"  # a full layer: 64-wide heads
-    broken = _broken_copy(dense[0], tmp_path, lambda t: t.__setitem__(name, t[name][:-32].contiguous()))
+    broken = broken_copy(dense[0], tmp_path, lambda t: t.__setitem__(name, t[name][:-32].contiguous()))
     with pytest.raises(CheckpointError, match=rf"shape mismatch for tensor '{name}' in .*model.safetensors"):
         load_model(JaxGemma4ForCausalLM, broken)
 
 
 def test_unexpected_tensor_is_named(dense, tmp_path):
-    broken = _broken_copy(dense[0], tmp_path,
+    broken = broken_copy(dense[0], tmp_path,
                           lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.extra\.weight'"):
         load_model(JaxGemma4ForCausalLM, broken)
@@ -316,24 +305,3 @@ def test_unsupported_config_is_refused_by_name(dense, field, value):
     setattr(config, field, value)
     with pytest.raises(UnsupportedConfigError, match=field):
         Gemma4Config.from_hf(config)
-
-
-def test_plain_gemma4_architectures_resolve_to_ours_unless_opted_out(monkeypatch):
-    from types import SimpleNamespace
-
-    from tpu_inference.models.common import model_loader
-
-    from jaxllm import vllm_plugin
-    from jaxllm.vllm_plugin.models import USE_BUILTIN_ENV
-
-    vllm_plugin.register()
-    lookup = model_loader._get_model_architecture
-    for arch, ours in [("Gemma4ForCausalLM", JaxGemma4ForCausalLM),
-                       ("Gemma4ForConditionalGeneration", JaxGemma4ForConditionalGeneration),
-                       ("JaxGemma4ForCausalLM", JaxGemma4ForCausalLM),
-                       ("JaxGemma4ForConditionalGeneration", JaxGemma4ForConditionalGeneration)]:
-        assert lookup(SimpleNamespace(architectures=[arch])) is ours
-    monkeypatch.setenv(USE_BUILTIN_ENV, "1")
-    builtin = lookup(SimpleNamespace(architectures=["Gemma4ForCausalLM"]))
-    assert builtin.__module__.startswith("tpu_inference.models.jax")
-    assert lookup(SimpleNamespace(architectures=["JaxGemma4ForCausalLM"])) is JaxGemma4ForCausalLM

@@ -6,17 +6,14 @@ The tiny checkpoint has chunk 16 and page size 8, so 40 tokens cross two chunk
 boundaries and many pages; every 4th layer is NoPE (global, temperature-tuned).
 """
 
-import json
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from harness import Engine, auto_mesh, hf_logits, load_model
+from harness import broken_copy, Engine, auto_mesh, hf_logits, load_model
 from jaxllm.checkpoints import cached_checkpoint
 from jaxllm.model.config import Llama4Config, UnsupportedConfigError
 from jaxllm.model.llama4 import JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration
@@ -162,31 +159,22 @@ def test_tensor_parallel_on_four_devices_matches_one(model, reference):
     np.testing.assert_allclose(logits, reference, atol=ATOL, rtol=0)
 
 
-def _broken_copy(checkpoint, tmp_path, edit):
-    out = tmp_path / "broken"
-    shutil.copytree(checkpoint, out)
-    tensors = load_file(out / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
 def test_missing_tensor_is_named(checkpoint, tmp_path):
     name = "model.layers.1.self_attn.k_proj.weight"
-    broken = _broken_copy(checkpoint, tmp_path, lambda t: t.pop(name))
+    broken = broken_copy(checkpoint, tmp_path, lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"layers\.1\.attn\.k_proj"):
         load_model(JaxLlama4ForCausalLM, broken)
 
 
 def test_misshaped_tensor_is_named_with_its_file(checkpoint, tmp_path):
     name = "model.layers.0.feed_forward.down_proj.weight"
-    broken = _broken_copy(checkpoint, tmp_path, lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()))
+    broken = broken_copy(checkpoint, tmp_path, lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()))
     with pytest.raises(CheckpointError, match=rf"shape mismatch for tensor '{name}' in .*model.safetensors"):
         load_model(JaxLlama4ForCausalLM, broken)
 
 
 def test_unexpected_tensor_is_named(checkpoint, tmp_path):
-    broken = _broken_copy(checkpoint, tmp_path, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
+    broken = broken_copy(checkpoint, tmp_path, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.extra\.weight'"):
         load_model(JaxLlama4ForCausalLM, broken)
 

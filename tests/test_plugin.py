@@ -100,20 +100,20 @@ def test_kv_budget_scales_with_gpu_memory_utilization(monkeypatch):
     assert budget(0.5) > 0 and np.isclose(budget(0.5) - budget(0.25), 0.25 * 8 * 2**30, rtol=1e-6)
 
 
-def test_plain_llama4_architectures_resolve_to_ours_unless_opted_out(monkeypatch):
+@pytest.mark.parametrize("family", ["Llama4", "Gemma4"])
+def test_plain_architectures_resolve_to_ours_unless_opted_out(monkeypatch, family):
     from types import SimpleNamespace
 
     from tpu_inference.models.common import model_loader
 
-    from jaxllm.model.llama4 import JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration
-    from jaxllm.vllm_plugin.models import USE_BUILTIN_ENV
+    from jaxllm.vllm_plugin.models import USE_BUILTIN_ENV, our_models
 
+    ours = our_models()
     lookup = model_loader._get_model_architecture
-    for arch, ours in [("Llama4ForCausalLM", JaxLlama4ForCausalLM),
-                       ("Llama4ForConditionalGeneration", JaxLlama4ForConditionalGeneration),
-                       ("JaxLlama4ForCausalLM", JaxLlama4ForCausalLM)]:
-        assert lookup(SimpleNamespace(architectures=[arch])) is ours
+    for kind in ("ForCausalLM", "ForConditionalGeneration"):
+        for arch in (family + kind, "Jax" + family + kind):  # plain checkpoint name, our explicit name
+            assert lookup(SimpleNamespace(architectures=[arch])) is ours["Jax" + family + kind]
     monkeypatch.setenv(USE_BUILTIN_ENV, "1")
-    builtin = lookup(SimpleNamespace(architectures=["Llama4ForCausalLM"]))
+    builtin = lookup(SimpleNamespace(architectures=[family + "ForCausalLM"]))
     assert builtin.__module__.startswith("tpu_inference.models.jax")
-    assert lookup(SimpleNamespace(architectures=["JaxLlama4ForCausalLM"])) is JaxLlama4ForCausalLM
+    assert lookup(SimpleNamespace(architectures=["Jax" + family + "ForCausalLM"])) is ours["Jax" + family + "ForCausalLM"]
