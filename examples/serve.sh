@@ -20,7 +20,8 @@ if [ -z "$model" ]; then
   model=$("$PY" -c 'from jaxllm.checkpoints import cached_checkpoint; print(cached_checkpoint("llama4", "tiny"))')
 fi
 defaults=(--max-model-len 1024 --max-num-seqs 16)
-if ! "$PY" -c 'import sys; from jaxllm.vllm_plugin.host import tpu_present; sys.exit(tpu_present())'; then
+if "$PY" -c 'import sys; from jaxllm.vllm_plugin.host import tpu_present; sys.exit(1 if tpu_present() else 0)'; then
+  # Not a TPU host.
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   defaults+=(--gpu-memory-utilization 0.1)
 fi
