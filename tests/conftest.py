@@ -23,4 +23,4 @@ ENGINE_MODULES = ("test_async_scheduling.py", "test_vllm_generate.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: item.fspath.basename not in ENGINE_MODULES)
+    items.sort(key=lambda item: item.path.name not in ENGINE_MODULES)
