@@ -26,7 +26,6 @@ Softmax is the online (flash) form in fp32, so no `[q, kv_len]` score matrix exi
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,6 @@ Semantics follow transformers' `models/llama4/modeling_llama4.py`:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
