@@ -10,9 +10,9 @@ tokens, the new ones last. Each cache row (one token) is
 `[combined_slots // packing, packing, width]`; see `CacheLayout`.
 
 In place. The loops read the cache as it came in, with this step's new tokens
-overlaid from `keys`/`values`, and carry it through unchanged; the new tokens
-are scattered into it once, after the loops. So with the cache donated, as the
-runner donates it, XLA keeps one buffer and copies nothing.
+overlaid from `keys`/`values`; the new tokens are scattered into it once, after
+the loops. So with the cache donated, as the runner donates it, XLA keeps one
+buffer and copies nothing.
 
 Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
 metadata, so work follows the tokens actually attended, not `max_model_len`:
@@ -155,8 +155,8 @@ def ragged_paged_attention(
     q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = jnp.zeros(q.shape, queries.dtype)
-    out, kv_cache = attend.decode_rows(q, out, kv_cache)
-    out, kv_cache = attend.query_blocks(q, out, kv_cache)
+    out = attend.decode_rows(q, out, kv_cache)
+    out = attend.query_blocks(q, out, kv_cache)
     out = out[:num_tokens].reshape(num_tokens, num_heads, head_dim)
     if update_kv_cache:
         # The barrier orders the write after every read of the cache, so it can be in place.
@@ -310,21 +310,16 @@ class _Attend:
         return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(dtype)
 
     def _attend_range(self, kv_cache, q, q_pos, request, kv_len, first_block, end_block):
-        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block).
-
-        Returns (attention output, kv_cache): the cache rides through the loop
-        unchanged, so XLA aliases it instead of copying it into the loop.
-        """
-        def body(block, carry):
-            state, kv_cache = carry
+        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block)."""
+        def body(block, state):
             k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
             k, v = self._kv_block(kv_cache, request, block, k_pos)
             # Slots past the sequence hold stale data, maybe NaN; 0 * NaN would leak through p @ v.
             v = jnp.where((k_pos < kv_len[..., None])[..., None, None], v, 0.0)
             allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None])
-            return self._update(state, q.astype(jnp.float32), k, v, allowed), kv_cache
-        state, kv_cache = lax.fori_loop(first_block, end_block, body, (self._init_state(q.shape), kv_cache))
-        return self._finish(state, q.dtype), kv_cache
+            return self._update(state, q.astype(jnp.float32), k, v, allowed)
+        state = lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
+        return self._finish(state, q.dtype)
 
     def decode_rows(self, q, out, kv_cache):
         """Tokens of the decode requests, DECODE_TILE at a time, each row gathering its own pages.
@@ -334,8 +329,7 @@ class _Attend:
         batch, tile = self.batch, DECODE_TILE
         num_rows = batch.decode_tokens
 
-        def body(i, carry):
-            out, kv_cache = carry
+        def body(i, out):
             rows = i * tile + jnp.arange(tile)
             live = rows < num_rows
             rows = jnp.minimum(rows, batch.token_request.shape[0] - 1)
@@ -345,24 +339,23 @@ class _Attend:
             first = jnp.where(live, self.masks.first_key(q_pos), jnp.iinfo(jnp.int32).max).min()
             end = jnp.where(live, self.masks.key_end(q_pos, kv_len), 0).max()
             q_tile = lax.dynamic_slice_in_dim(q, i * tile, tile)[:, None]  # [tile, 1, K, G, H]
-            new, kv_cache = self._attend_range(kv_cache, q_tile, q_pos[:, None], request, kv_len,
-                                               first // self.block_tokens, _cdiv(end, self.block_tokens))
+            new = self._attend_range(kv_cache, q_tile, q_pos[:, None], request, kv_len,
+                                     first // self.block_tokens, _cdiv(end, self.block_tokens))
             old = lax.dynamic_slice_in_dim(out, i * tile, tile)
             out = lax.dynamic_update_slice_in_dim(out, jnp.where(live[:, None, None, None], new[:, 0], old),
                                                   i * tile, 0)
-            return out, kv_cache
+            return out
 
-        return lax.fori_loop(0, _cdiv(num_rows, tile), body, (out, kv_cache))
+        return lax.fori_loop(0, _cdiv(num_rows, tile), body, out)
 
     def query_blocks(self, q, out, kv_cache):
         """Prefill and mixed requests, QUERY_BLOCK query tokens at a time."""
         batch, bq = self.batch, QUERY_BLOCK
 
-        def request_body(r, carry):
+        def request_body(r, out):
             q_start, q_len, kv_len = batch.q_starts[r], batch.q_lens[r], batch.kv_lens[r]
 
-            def block_body(j, carry):
-                out, kv_cache = carry
+            def block_body(j, out):
                 offset = j * bq + jnp.arange(bq)
                 live = offset < q_len
                 q_pos = kv_len - q_len + offset
@@ -370,16 +363,15 @@ class _Attend:
                 first = self.masks.first_key(q_pos[0])
                 end = self.masks.key_end(last_pos, kv_len)
                 q_block = lax.dynamic_slice_in_dim(q, q_start + j * bq, bq)
-                new, kv_cache = self._attend_range(kv_cache, q_block, q_pos, r, kv_len,
-                                                   first // self.block_tokens, _cdiv(end, self.block_tokens))
+                new = self._attend_range(kv_cache, q_block, q_pos, r, kv_len,
+                                         first // self.block_tokens, _cdiv(end, self.block_tokens))
                 old = lax.dynamic_slice_in_dim(out, q_start + j * bq, bq)
-                out = lax.dynamic_update_slice_in_dim(
+                return lax.dynamic_update_slice_in_dim(
                     out, jnp.where(live[:, None, None, None], new, old), q_start + j * bq, 0)
-                return out, kv_cache
 
-            return lax.fori_loop(0, _cdiv(q_len, bq), block_body, carry)
+            return lax.fori_loop(0, _cdiv(q_len, bq), block_body, out)
 
-        return lax.fori_loop(batch.decode_end, batch.num_seqs, request_body, (out, kv_cache))
+        return lax.fori_loop(batch.decode_end, batch.num_seqs, request_body, out)
 
 
 def _cdiv(a, b):
