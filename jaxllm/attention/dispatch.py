@@ -9,6 +9,7 @@ So tensor parallelism behaves the same on TPU and on simulated CPU devices.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from tpu_inference.layers.common.sharding import ShardingAxisName
 from tpu_inference.utils import get_mesh_shape_product
 
-from jaxllm.attention.portable import ragged_paged_attention
+from jaxllm.attention.portable import CacheLayout, dtype_packing, ragged_paged_attention
 
 
 @functools.cache
@@ -62,7 +63,7 @@ def attention(
     cache = P(ShardingAxisName.ATTN_DATA, None, ShardingAxisName.ATTN_HEAD, None, None)
     meta = P(ShardingAxisName.ATTN_DATA)
     kernel = functools.partial(
-        ragged_paged_attention, sm_scale=sm_scale, sliding_window=sliding_window,
+        _in_layer_layout, sm_scale=sm_scale, sliding_window=sliding_window,
         chunk_size=chunk_size, soft_cap=soft_cap, update_kv_cache=update_kv_cache,
         use_causal_mask=md.use_causal_mask)
     out, kv_cache = jax.shard_map(
@@ -70,6 +71,26 @@ def attention(
         out_specs=(qkv, cache), check_vma=False,
     )(q, k, v, kv_cache, md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
     return kv_cache, out
+
+
+def _in_layer_layout(q, k, v, kv_cache, *metadata, **options):
+    """Portable RPA on this device's shard of the cache, viewed in this layer's row layout.
+
+    With the window-aware cache, layers whose rows differ (Gemma 4's sliding and
+    global layers) share buffers stored in one layer's layout; a page holds the same
+    bytes for each, only fewer tokens of the wider rows. On the local shard, in
+    row-major memory, the view is a reshape that moves no data.
+    """
+    stored = kv_cache.shape
+    layout = CacheLayout(k.shape[1], k.shape[2], dtype_packing(kv_cache.dtype))
+    row = layout.slots * layout.width
+    per_page = math.prod(stored[1:])
+    if per_page % row:
+        raise ValueError(f"a KV-cache page of shape {stored[1:]} can't hold whole rows of {k.shape[1]} KV heads "
+                         f"of size {k.shape[2]} ({row} values)")
+    view = kv_cache.reshape(layout.cache_shape(stored[0], per_page // row))
+    out, view = ragged_paged_attention(q, k, v, view, *metadata, **options)
+    return out, view.reshape(stored)
 
 
 def _replicate_kv_heads(mesh: Mesh, k: jax.Array, v: jax.Array):

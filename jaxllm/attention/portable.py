@@ -314,9 +314,11 @@ class _Attend:
         def body(block, state):
             k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
             k, v = self._kv_block(kv_cache, request, block, k_pos)
-            # Slots past the sequence hold stale data, maybe NaN; 0 * NaN would leak through p @ v.
-            v = jnp.where((k_pos < kv_len[..., None])[..., None, None], v, 0.0)
             allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None])
+            # Slots no query here may see hold stale data or, past a window, pages already
+            # returned to the pool (vLLM's null block): maybe NaN, and 0 * NaN would leak
+            # through p @ v.
+            v = jnp.where(allowed.any(axis=-2)[..., None, None], v, 0.0)
             return self._update(state, q.astype(jnp.float32), k, v, allowed)
         state = lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
         return self._finish(state, q.dtype)

@@ -21,6 +21,16 @@ def text_config(hf_config):
     return getattr(hf_config, "text_config", None) or hf_config
 
 
+@dataclasses.dataclass(frozen=True)
+class KVLayer:
+    """What one attention layer needs from the KV cache, for sizing it per layer."""
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None  # attends to the last `sliding_window` tokens only
+    chunk_size: int | None = None      # attends only inside its `chunk_size`-token chunk
+    kv_donor: int | None = None        # reads this earlier layer's cache and keeps none of its own
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UnsupportedConfigError(message)
@@ -51,6 +61,10 @@ class Llama4Config:
     num_experts_per_tok: int
     intermediate_size: int      # each expert and the shared expert
     intermediate_size_mlp: int  # dense layers
+
+    def kv_layers(self) -> tuple[KVLayer, ...]:
+        return tuple(KVLayer(self.num_kv_heads, self.head_dim, chunk_size=self.attention_chunk_size if rope else None)
+                     for rope in self.rope_layers)
 
     @classmethod
     def from_hf(cls, hf_config) -> "Llama4Config":
@@ -129,6 +143,11 @@ class Gemma4Config:
     def kv_donors(self) -> frozenset[int]:
         """Layers whose K/V a later, KV-shared layer reads."""
         return frozenset(layer.kv_donor for layer in self.layers if layer.kv_donor is not None)
+
+    def kv_layers(self) -> tuple[KVLayer, ...]:
+        return tuple(KVLayer(layer.num_kv_heads, layer.head_dim,
+                             sliding_window=self.sliding_window if layer.sliding else None, kv_donor=layer.kv_donor)
+                     for layer in self.layers)
 
     @classmethod
     def from_hf(cls, hf_config) -> "Gemma4Config":

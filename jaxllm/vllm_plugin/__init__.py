@@ -15,10 +15,11 @@ def register() -> None:
         return
     _registered = True
 
-    from jaxllm.vllm_plugin import host, models, runner_fixes
+    from jaxllm.vllm_plugin import host, kv_cache, models, runner_fixes
 
     on_tpu = host.tpu_present()
     if not on_tpu:
         host.adapt()  # before anything imports tpu-inference's runner or model loader
     runner_fixes.apply(host_adaptations=not on_tpu)
     models.register_models()
+    kv_cache.install()

@@ -43,6 +43,17 @@ def use_builtin_models() -> bool:
     return os.environ.get(USE_BUILTIN_ENV, "0").lower() in ("1", "true", "yes")
 
 
+def our_class(hf_config) -> type | None:
+    """The jaxllm class that serves this config's architecture, or None (tpu-inference's, or opted out)."""
+    models = our_models()
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in models:
+            return models[arch]
+        if arch in DEFAULT_FOR and not use_builtin_models():
+            return models[DEFAULT_FOR[arch]]
+    return None
+
+
 def register_models() -> None:
     from tpu_inference.models.common import model_loader
 
@@ -55,15 +66,10 @@ def register_models() -> None:
         return
 
     def lookup(config):
-        for arch in getattr(config, "architectures", None) or []:
-            if arch in models:
-                logger.info("jaxllm: serving %s with jaxllm's %s", arch, models[arch].__name__)
-                return models[arch]
-            if arch in DEFAULT_FOR and not use_builtin_models():
-                ours = models[DEFAULT_FOR[arch]]
-                logger.info("jaxllm: serving %s with jaxllm's %s (set %s=1 for tpu-inference's built-in model)",
-                            arch, ours.__name__, USE_BUILTIN_ENV)
-                return ours
+        ours = our_class(config)
+        if ours is not None:
+            logger.info("jaxllm: serving %s with jaxllm's %s", config.architectures, ours.__name__)
+            return ours
         cls = builtin_lookup(config)
         logger.info("jaxllm: %s is served by tpu-inference's %s", config.architectures, cls.__name__)
         return cls

@@ -114,7 +114,7 @@ def apply(*, host_adaptations: bool | None = None) -> None:
     if host_adaptations is None:
         from jaxllm.vllm_plugin import host
         host_adaptations = not host.tpu_present()
-    _when_imported(_RUNNER_MODULE, _fix_leaked_placeholders)
+    when_imported(_RUNNER_MODULE, _fix_leaked_placeholders)
     if host_adaptations:
         _copy_host_buffers_on_put()
     logger.debug("jaxllm: runner fixes for async scheduling installed (placeholders%s)",
@@ -222,7 +222,7 @@ def _copy_host_buffers_on_put() -> None:
 _PENDING: dict[str, list] = {}
 
 
-def _when_imported(name: str, patch) -> None:
+def when_imported(name: str, patch) -> None:
     module = sys.modules.get(name)
     if module is not None:
         patch(module)
