@@ -1,16 +1,21 @@
 """Offline batch generation with vLLM and the jaxllm plugin.
 
-    python examples/offline_batch.py                       # small local checkpoint(s), built on first use
-    python examples/offline_batch.py --model /path/to/ckpt --prompts prompts.txt --max-tokens 128
+    python examples/offline_batch.py                          # small local Llama 4 and Gemma 4 checkpoints
+    python examples/offline_batch.py --model /path/to/checkpoint --prompts prompts.txt --max-tokens 128
+    python examples/offline_batch.py --model meta-llama/Llama-4-Scout-17B-16E-Instruct \\
+        --tensor-parallel-size 8 --max-model-len 8192 --num-prompts 256 --ignore-eos
 
 Without `--model` it builds a random-weight checkpoint per `--arch` with
-`jaxllm.checkpoints` (no hub access needed), so the text is gibberish: the point
-is the plumbing and the speed. Off TPU, set JAX_PLATFORMS=cpu (`make demo` does).
+`jaxllm.checkpoints` (no hub access needed), so the text is gibberish: the point is
+the plumbing and the speed. Every `vllm serve` engine flag works here too
+(`--hf-overrides`, `--limit-mm-per-prompt`, `--num-gpu-blocks-override`, ...).
+Off TPU, set JAX_PLATFORMS=cpu (`make demo` does).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 DEFAULT_PROMPTS = [
@@ -22,78 +27,107 @@ DEFAULT_PROMPTS = [
     "Hello, my name is",
 ]
 
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint folder or hub name; default: a locally built small checkpoint")
-    p.add_argument("--arch", nargs="+", default=["llama4", "gemma4"], choices=["llama", "llama4", "gemma4"],
-                   help="architectures of the locally built checkpoints (ignored with --model); "
-                        "llama is plain Llama 3, served by tpu-inference's built-in model")
-    p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="size of the local checkpoints")
-    p.add_argument("--prompts", help="text file, one prompt per line; default: built-in prompts")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="share of device memory for weights + KV cache; off TPU the device memory is RAM, "
-                        "and the default there is 0.1 rather than vLLM's 0.9")
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="fix the number of KV-cache blocks")
-    return p.parse_args()
+# Our defaults where they differ from vLLM's. A short context keeps the KV cache and
+# the warm-up compilation small; a real deployment sets its own.
+ENGINE_DEFAULTS = dict(model=None, max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=None)
+SAMPLING_FLAGS = ("max_tokens", "min_tokens", "ignore_eos", "temperature", "top_p", "top_k")
+EXAMPLE_FLAGS = ("arch", "size", "prompts", "num_prompts", "show") + SAMPLING_FLAGS
 
 
-def run(model: str, prompts: list[str], args: argparse.Namespace) -> None:
+def make_parser():
+    # vLLM's own parser (slow to import, ~10 s) so that every engine flag is accepted.
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    p = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    example = p.add_argument_group("example")
+    example.add_argument("--arch", nargs="+", default=["llama4", "gemma4"], choices=["llama", "llama4", "gemma4"],
+                         help="architectures of the locally built checkpoints (ignored with --model); "
+                              "llama is plain Llama 3, served by tpu-inference's built-in model")
+    example.add_argument("--size", default="tiny", choices=["tiny", "small"], help="size of the local checkpoints")
+    example.add_argument("--prompts", help="text file, one prompt per line ('-': stdin); default: built-in prompts")
+    example.add_argument("--num-prompts", type=int, help="cycle through the prompts until there are this many")
+    example.add_argument("--show", type=int, default=8, help="print the first N completions")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=32)
+    sampling.add_argument("--min-tokens", type=int, default=0)
+    sampling.add_argument("--ignore-eos", action="store_true",
+                          help="always generate --max-tokens tokens (for throughput measurements)")
+    sampling.add_argument("--temperature", type=float, default=0.0)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=-1)
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(**ENGINE_DEFAULTS)
+    return p
+
+
+def engine_kwargs(args, parser) -> dict:
+    """The engine flags given on the command line or defaulted by us; vLLM's defaults for the rest."""
+    kwargs = {k: v for k, v in vars(args).items()
+              if k not in EXAMPLE_FLAGS and (k in ENGINE_DEFAULTS or v != parser.get_default(k))}
+    if kwargs["gpu_memory_utilization"] is None:
+        from jaxllm.vllm_plugin.host import tpu_present
+
+        if tpu_present():
+            del kwargs["gpu_memory_utilization"]  # vLLM's default
+        else:
+            # Off TPU the "device memory" is RAM, shared with everything else, and the
+            # KV cache is allocated up front.
+            kwargs["gpu_memory_utilization"] = 0.1
+    return kwargs
+
+
+def read_prompts(args) -> list[str]:
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        f = sys.stdin if args.prompts == "-" else open(args.prompts)
+        with f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            sys.exit(f"no prompts in {args.prompts}")
+    if args.num_prompts:
+        prompts = [prompts[i % len(prompts)] for i in range(args.num_prompts)]
+    return prompts
+
+
+def run(engine: dict, prompts: list[str], args) -> None:
     from vllm import LLM, SamplingParams
 
-    engine_args = dict(model=model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                       dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed)
-    from jaxllm.vllm_plugin.host import tpu_present
-
-    utilization = args.gpu_memory_utilization
-    if utilization is None and not tpu_present():
-        utilization = 0.1  # the KV cache is allocated up front, in RAM shared with everything else
-    if utilization is not None:
-        engine_args["gpu_memory_utilization"] = utilization
-    if args.num_gpu_blocks_override is not None:
-        engine_args["num_gpu_blocks_override"] = args.num_gpu_blocks_override
     start = time.perf_counter()
-    llm = LLM(**engine_args)
-    print(f"engine ready in {time.perf_counter() - start:.1f} s")
+    llm = LLM(**engine)
+    print(f"engine ready in {time.perf_counter() - start:.1f} s", flush=True)
 
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed)
+    sampling = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, sampling)
+    outputs = llm.generate(prompts, sampling)  # vLLM's progress bar shows requests done and tokens/s
     elapsed = time.perf_counter() - start
 
+    print(f"\n=== {engine['model']}")
+    for o in outputs[:args.show]:
+        print(f"--- {o.prompt!r} ({len(o.outputs[0].token_ids)} tokens)\n{o.outputs[0].text!r}")
+    if len(outputs) > args.show:
+        print(f"--- ... {len(outputs) - args.show} more")
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    print(f"\n=== {model}")
-    for o in outputs:
-        print(f"--- {o.prompt!r}\n{o.outputs[0].text!r}")
-    print(f"\n{len(outputs)} requests, {prompt_tokens} prompt + {generated} generated tokens in {elapsed:.2f} s: "
-          f"{generated / elapsed:.1f} generated tokens/s")
+    print(f"\n{len(outputs)} requests in {elapsed:.2f} s: {prompt_tokens} prompt tokens "
+          f"({prompt_tokens / elapsed:.1f}/s), {generated} generated tokens ({generated / elapsed:.1f}/s), "
+          f"{len(outputs) / elapsed:.2f} requests/s", flush=True)
     del llm
 
 
 def main() -> None:
-    args = parse_args()
-    prompts = DEFAULT_PROMPTS
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    parser = make_parser()
+    args = parser.parse_args()
+    prompts = read_prompts(args)
+    engine = engine_kwargs(args, parser)
     if args.model:
-        run(args.model, prompts, args)
+        run(engine, prompts, args)
         return
     from jaxllm.checkpoints import cached_checkpoint
 
     for arch in args.arch:
-        run(str(cached_checkpoint(arch, args.size)), prompts, args)
+        run({**engine, "model": str(cached_checkpoint(arch, args.size))}, prompts, args)
 
 
 if __name__ == "__main__":

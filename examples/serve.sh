@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # OpenAI-compatible server with the jaxllm plugin:
-#   examples/serve.sh [--model PATH] [--host 127.0.0.1] [--port 8000] [extra `vllm serve` flags]
+#   examples/serve.sh [--model PATH_OR_HUB_NAME] [--host 127.0.0.1] [--port 8000] [other `vllm serve` flags]
 # Without --model it serves a small locally built Llama 4 checkpoint (random weights).
-# Off TPU, JAX runs on the CPU and the KV cache takes 10% of RAM unless
+# Defaults: --max-model-len 1024 --max-num-seqs 16; flags given here come later and win.
+# Off TPU, JAX runs on the CPU and weights + KV cache take 10% of RAM unless
 # --gpu-memory-utilization says otherwise.
+# Query it with examples/client.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,11 +21,21 @@ done
 if [ -z "$model" ]; then
   model=$("$PY" -c 'from jaxllm.checkpoints import cached_checkpoint; print(cached_checkpoint("llama4", "tiny"))')
 fi
+
+# The rule of jaxllm.vllm_plugin.host.tpu_present, in shell: importing the plugin
+# imports vLLM, which alone takes seconds.
+tpu_present() {
+  if [ -n "${JAX_PLATFORMS:-}" ]; then
+    [[ $JAX_PLATFORMS == *tpu* || $JAX_PLATFORMS == *proxy* ]]
+  else
+    compgen -G '/dev/accel*' >/dev/null || ls /dev/vfio 2>/dev/null | grep -qx '[0-9]\+'
+  fi
+}
+
 defaults=(--max-model-len 1024 --max-num-seqs 16)
-if "$PY" -c 'import sys; from jaxllm.vllm_plugin.host import tpu_present; sys.exit(1 if tpu_present() else 0)'; then
-  # Not a TPU host.
+if ! tpu_present; then
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   defaults+=(--gpu-memory-utilization 0.1)
 fi
-echo ">> serving $model on http://$host:$port/v1"
+echo ">> serving $model on http://$host:$port/v1 (query it: python examples/client.py --base-url http://$host:$port/v1)"
 exec "$(dirname "$PY")/vllm" serve "$model" --host "$host" --port "$port" "${defaults[@]}" "${extra[@]}"
