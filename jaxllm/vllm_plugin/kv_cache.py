@@ -36,6 +36,9 @@ from vllm.logger import init_logger
 logger = init_logger("vllm.jaxllm")
 
 MODE_ENV = "JAXLLM_WINDOWED_KV_CACHE"
+# Fill new caches with NaN: a page read before it was written (or after it was freed)
+# then shows up in the outputs. For tests and debugging.
+POISON_ENV = "JAXLLM_POISON_KV_CACHE"
 _MODES = ("auto", "0", "1")
 _MANAGER_MODULE = "tpu_inference.runner.kv_cache_manager"
 _PATCHED = "_jaxllm_kv_cache"
@@ -223,6 +226,11 @@ def allocate(manager, kv_cache_config, plan: Plan) -> None:
                     cache_dtype=to_jax_dtype(layout.dtype), attention_backend=runner.attention_backend)[0])
                 buffers[region] = len(runner.kv_caches) - 1
             runner.layer_name_to_kvcache_index[name] = buffers[region]
+    if os.environ.get(POISON_ENV) == "1":
+        import jax
+        import jax.numpy as jnp
+        poison = jax.jit(lambda cache: jnp.full_like(cache, jnp.nan), donate_argnums=0)
+        runner.kv_caches[:] = [poison(cache) for cache in runner.kv_caches]
     for layer, donor in manager.shared_kv_cache_layers.items():
         runner.layer_name_to_kvcache_index[layer] = runner.layer_name_to_kvcache_index[donor]
     cache = runner.kv_caches[0]
