@@ -41,14 +41,27 @@ class Experts(nnx.Module):
         self.up_proj = param(rngs, (num_experts, hidden, intermediate), dtype, (Axis.EXPERT, None, None))
         self.down_proj = param(rngs, (num_experts, intermediate, hidden), dtype, (Axis.EXPERT, None, None))
 
-    def __call__(self, x: jax.Array, weights: jax.Array, *, weight_inputs: bool) -> jax.Array:
-        """sum_e weights[t, e] * expert_e(x[t]), or sum_e expert_e(weights[t, e] * x[t]) if `weight_inputs`.
+    def __call__(self, x: jax.Array, index: jax.Array, weight: jax.Array, *, weight_inputs: bool) -> jax.Array:
+        """sum_j weight[t, j] * expert_{index[t, j]}(x[t]), or expert(weight * x[t]) if `weight_inputs`.
 
-        Every expert runs on every token and zero weights drop the unchosen ones:
-        exact, simple, and shardable by expert (each device runs its own experts, the
-        sum becomes a reduction across the expert axis). It costs E / top_k times the
-        FLOPs of a routed dispatch.
+        `index`, `weight`: [T, k], each token's chosen experts and their weights.
+        With the experts on one device only the chosen experts run (`_routed`); with
+        the expert axis sharded every expert runs on every token (`_dense`), which
+        keeps expert parallelism a plain reduction over that axis.
         """
+        if _expert_axis_size() > 1:
+            dense = jnp.zeros((x.shape[0], self.gate_proj.shape[0]), jnp.float32)
+            dense = dense.at[jnp.arange(x.shape[0])[:, None], index].add(weight.astype(jnp.float32))
+            return self._dense(x, dense, weight_inputs)
+        return self._routed(x, index, weight, weight_inputs)
+
+    def _mlp(self, x: jax.Array, e: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[e]
+        up = x @ self.up_proj[e]
+        return (self.act(gate) * up) @ self.down_proj[e]
+
+    def _dense(self, x: jax.Array, weights: jax.Array, weight_inputs: bool) -> jax.Array:
+        """Every expert on every token, zero weights dropping the unchosen: E / top_k times the routed FLOPs."""
         if weight_inputs:
             x = jnp.einsum("TD,TE->ETD", x, weights.astype(x.dtype))
             gate = jnp.einsum("ETD,EDF->ETF", x, self.gate_proj[...])
@@ -59,11 +72,77 @@ class Experts(nnx.Module):
         out = jnp.einsum("ETF,EFD->ETD", self.act(gate) * up, self.down_proj[...])
         return jnp.einsum("ETD,TE->TD", out, weights.astype(out.dtype))
 
+    def _routed(self, x: jax.Array, index: jax.Array, weight: jax.Array, weight_inputs: bool) -> jax.Array:
+        """Token-expert pairs sorted by expert and cut into blocks of `block` rows, one expert per block.
 
-def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """True at each row's k largest entries."""
-    _, index = jax.lax.top_k(logits, k)
-    return jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], index].set(True)
+        A loop over the blocks actually used runs each block through its expert, so an
+        expert nobody chose is neither read nor computed. Shapes stay static: each
+        expert's rows are padded to whole blocks, and `num_blocks` bounds the total.
+        """
+        tokens, k = index.shape
+        num_experts = self.gate_proj.shape[0]
+        pairs = tokens * k
+        block = _block_rows(pairs, num_experts)
+        used_experts = min(num_experts, pairs)
+        num_blocks = (pairs + used_experts * (block - 1)) // block  # sum over experts of ceil(rows / block)
+
+        expert = index.reshape(-1)
+        order = jnp.argsort(expert, stable=True)
+        expert = expert[order]
+        token = (jnp.arange(pairs) // k)[order]
+        pair_weight = weight.reshape(-1)[order]
+        rows = jnp.bincount(expert, length=num_experts)
+        blocks = (rows + block - 1) // block
+        first_block = jnp.cumsum(blocks) - blocks
+        rank = jnp.arange(pairs) - (jnp.cumsum(rows) - rows)[expert]
+        slot = first_block[expert] * block + rank  # row of each pair in the padded layout
+        padded = num_blocks * block
+        slot_token = jnp.zeros(padded, jnp.int32).at[slot].set(token)
+        slot_weight = jnp.zeros(padded, jnp.float32).at[slot].set(pair_weight.astype(jnp.float32))
+        block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(num_blocks), side="right"),
+                                   num_experts - 1)
+
+        inputs = x[slot_token]
+        if weight_inputs:
+            inputs = inputs * slot_weight[:, None].astype(x.dtype)
+        inputs = inputs.reshape(num_blocks, block, -1)
+
+        def run_block(b, outputs):
+            return outputs.at[b].set(self._mlp(inputs[b], block_expert[b]))
+
+        # Padding rows have weight 0 and are dropped below; blocks past the used ones are skipped.
+        outputs = jax.lax.fori_loop(0, blocks.sum(), run_block, jnp.zeros_like(inputs))
+        outputs = outputs.reshape(padded, -1)
+        if weight_inputs:
+            outputs = jnp.where((slot_weight != 0)[:, None], outputs, 0)
+        else:
+            outputs = outputs * slot_weight[:, None].astype(outputs.dtype)
+        return jnp.zeros_like(x).at[slot_token].add(outputs.astype(x.dtype))
+
+
+def _block_rows(pairs: int, num_experts: int) -> int:
+    """Rows per block of the routed dispatch (static: it depends on shapes only).
+
+    Few pairs (decode): reading weights dominates, so one block per chosen expert
+    (block = all pairs) reads each chosen expert once. Many pairs (prefill): FLOPs
+    dominate, so blocks about the size of an even expert share (a power of two,
+    16..256) keep padding below about one block per expert.
+    """
+    if pairs <= 64:
+        return pairs
+    share = -(-pairs // num_experts)
+    return min(256, max(16, 1 << (share - 1).bit_length()))
+
+
+def _expert_axis_size() -> int:
+    """Devices the expert weights are split over in the current mesh (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = Axis.EXPERT if isinstance(Axis.EXPERT, tuple) else (Axis.EXPERT,)
+    size = 1
+    for name in names:
+        if name in mesh.axis_names:
+            size *= mesh.shape[name]
+    return size
 
 
 class Llama4MoE(nnx.Module):
@@ -77,9 +156,9 @@ class Llama4MoE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("TD,DE->TE", x, self.router[...])
-        chosen = top_k_mask(logits, self.top_k)
-        scores = jnp.where(chosen, jax.nn.sigmoid(logits.astype(jnp.float32)), 0.0)
-        return self.shared_expert(x) + self.experts(x, scores, weight_inputs=True)
+        top, index = jax.lax.top_k(logits, self.top_k)
+        scores = jax.nn.sigmoid(top.astype(jnp.float32))
+        return self.shared_expert(x) + self.experts(x, index, scores, weight_inputs=True)
 
 
 class Gemma4MoE(nnx.Module):
@@ -98,15 +177,14 @@ class Gemma4MoE(nnx.Module):
         self.per_expert_scale = ones((num_experts,), dtype)
         self.experts = Experts(num_experts, hidden, intermediate, activation, dtype, rngs)
 
-    def route(self, x: jax.Array) -> jax.Array:
-        """Dense [T, E] fp32 expert weights, zero outside each token's top k."""
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Each token's top-k experts [T, k] and their fp32 weights [T, k]."""
         h = rms_normalize(x, self.eps) * self.router_scale[...].astype(x.dtype)
         h = h * jnp.asarray(self.hidden ** -0.5, x.dtype)
         probs = jax.nn.softmax(jnp.einsum("TD,DE->TE", h, self.router_proj[...]).astype(jnp.float32), axis=-1)
         top, index = jax.lax.top_k(probs, self.top_k)
         top = top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[...].astype(jnp.float32)[index]
-        rows = jnp.arange(x.shape[0])[:, None]
-        return jnp.zeros(probs.shape, jnp.float32).at[rows, index].set(top)
+        return index, top
 
     def __call__(self, router_input: jax.Array, expert_input: jax.Array) -> jax.Array:
-        return self.experts(expert_input, self.route(router_input), weight_inputs=False)
+        return self.experts(expert_input, *self.route(router_input), weight_inputs=False)
