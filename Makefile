@@ -5,17 +5,23 @@ JAX_PLATFORMS ?= $(shell ls /dev/accel* /dev/vfio >/dev/null 2>&1 || echo cpu)
 export JAX_PLATFORMS
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Extra flags for the examples, e.g. make demo ARGS="--size small --num-prompts 64"
+ARGS ?=
 
-.PHONY: venv demo serve test bench clean-venv-link
+.PHONY: venv demo serve client test bench clean-venv-link
 
 venv:
 	@bash tools/venv.sh
 
 demo: venv
-	$(PY) examples/offline_batch.py
+	$(PY) examples/offline_batch.py $(ARGS)
 
+# Serves until interrupted; query it from another shell with `make client`.
 serve: venv
-	bash examples/serve.sh --host $(HOST) --port $(PORT)
+	bash examples/serve.sh --host $(HOST) --port $(PORT) $(ARGS)
+
+client: venv
+	$(PY) examples/client.py --base-url http://$(HOST):$(PORT)/v1 $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests
