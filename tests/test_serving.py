@@ -146,10 +146,13 @@ class Server:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
-    def wait_ready(self) -> float:
+    def wait_ready(self) -> float | None:
+        """Seconds to readiness, or None if another process took the port first."""
         start = time.monotonic()
         while time.monotonic() - start < START_TIMEOUT_S:
             if self.process.poll() is not None:
+                if "address already in use" in self.log_tail().lower():
+                    return None
                 pytest.fail(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
             if self.health() == 200:
                 return time.monotonic() - start
@@ -194,12 +197,20 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    server = Server(checkpoint, tmp_path_factory.mktemp("serve") / "server.log")
-    try:
-        print(f"\nserver ready in {server.wait_ready():.1f} s")
-        yield server
-    finally:
-        _stop(server.process)
+    logs = tmp_path_factory.mktemp("serve")
+    # The free port is only reserved once the server binds it; another process on the
+    # host may take it in between, so try a few.
+    for attempt in range(3):
+        server = Server(checkpoint, logs / f"server-{attempt}.log")
+        try:
+            ready = server.wait_ready()
+            if ready is not None:
+                print(f"\nserver ready in {ready:.1f} s")
+                yield server
+                return
+        finally:
+            _stop(server.process)
+    pytest.fail("no free port for the server in 3 tries")
 
 
 def _greedy(**extra) -> dict:
