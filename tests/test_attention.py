@@ -630,6 +630,42 @@ def test_sharded_dispatch_matches_single_device(heads, dtype, kv_repeat):
     assert_bitwise_equal(new_cache, expected_new_cache)
 
 
+def test_dispatch_views_a_cache_stored_in_another_layers_layout():
+    """The window-aware cache stores layers of different row layouts (Gemma 4's sliding and
+    global layers) in one buffer, in one layer's layout. Here the buffer is stored as pages
+    of half as many tokens of rows twice as wide: dispatch views it in this layer's rows,
+    gives the same output and cache bytes, and writes in place (no copy of the buffer)."""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[:1])
+    case = make_case(8, *SHARD_SPECS, heads=(8, 4, 128), dtype=F32, num_tokens=512, max_num_seqs=8,
+                     pages_per_seq=48, num_pages=160)
+    expected_out, expected_new_cache = check(case)
+    num_pages, page_size, rows, packing, width = case.cache.shape
+    stored_shape = (num_pages, page_size // 2, 2 * rows, packing, width)
+    kv_lens, page_indices, cu_q_lens, distribution = case.metadata()
+    md = AttentionMetadata(input_positions=jnp.zeros(case.q.shape[0], jnp.int32), block_tables=page_indices,
+                           seq_lens=kv_lens, query_start_loc=cu_q_lens, request_distribution=distribution)
+
+    def layer(cache, q, k, v, md):
+        return dispatch.attention(q, k, v, cache, md, mesh, sm_scale=case.head_dim ** -0.5)
+
+    step = jax.jit(layer, donate_argnums=0)
+    stored = jnp.asarray(case.cache.reshape(stored_shape))
+    with jax.set_mesh(mesh):
+        compiled = step.lower(stored, case.q, case.k, case.v, md).compile()
+        pointer = stored.unsafe_buffer_pointer()
+        new_cache, out = compiled(stored, jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v), md)
+    assert new_cache.shape == stored_shape and new_cache.unsafe_buffer_pointer() == pointer
+    buffer_hlo_shape = "f32[" + ",".join(map(str, stored_shape)) + "]"
+    view_hlo_shape = "f32[" + ",".join(map(str, case.cache.shape)) + "]"
+    copies = [line for line in compiled.as_text().splitlines() if " copy(" in line
+              and (buffer_hlo_shape in line.split("=")[0] or view_hlo_shape in line.split("=")[0])]
+    assert copies == [], copies
+    n = case.num_real_tokens
+    np.testing.assert_array_equal(np.asarray(out)[:n], expected_out[:n])
+    assert_bitwise_equal(np.asarray(new_cache).reshape(case.cache.shape), expected_new_cache)
+
+
 # ---------------------------------------------------------------------------
 # Argument checks.
 

@@ -18,7 +18,9 @@ layer, but Gemma 4's sliding and global layers store different rows (for example
   a free reshape of the local shard (`jaxllm.attention.dispatch`).
 - On a TPU that reshape is not free (the TPU's memory is tiled), so layers keep
   the base block size, tpu-inference allocates one buffer per row layout, and the
-  page is padded to the sum of those layouts' pages so vLLM's budget counts both.
+  page is padded to the sum of those layouts' pages so vLLM's budget counts both;
+  where that holds more per request than full-length caches (short contexts),
+  the caches stay full length.
 If the pages can't be unified (no integer ratio), the cache stays full length,
 with a warning.
 
@@ -176,6 +178,16 @@ def _build_plan(runner, layers, windows) -> Plan | None:
             specs[f"layer.{i}"] = ChunkedLocalAttentionSpec(attention_chunk_size=size, **common)
         else:
             specs[f"layer.{i}"] = FullAttentionSpec(**common)
+    # Padded pages (one buffer per row layout) can cost more than full-length caches at short
+    # contexts; compare what one request of max_model_len holds, as vLLM sizes it.
+    windowed_bytes = sum(spec.max_memory_usage_bytes(runner.vllm_config) for spec in specs.values())
+    full_bytes = sum(page_bytes(row(layer), base_block) * -(-runner.model_config.max_model_len // base_block)
+                     for layer in own.values())
+    if windowed_bytes >= full_bytes:
+        logger.info("jaxllm: full-length KV cache: with pages padded for %d row layouts, windows save nothing "
+                    "at max_model_len %d (%.1f vs %.1f MiB per request)", len(shapes),
+                    runner.model_config.max_model_len, windowed_bytes / 2**20, full_bytes / 2**20)
+        return None
     shared = {f"layer.{i}": f"layer.{layer.kv_donor}" for i, layer in enumerate(layers) if layer.kv_donor is not None}
     storage = FullAttentionSpec(block_size=block_of[shapes[0]], num_kv_heads=shapes[0][0],
                                 head_size=shapes[0][1], dtype=dtype, page_size_padded=padded)
