@@ -29,6 +29,7 @@ from tpu_inference.kernels.ragged_paged_attention.v3 import kernel_hd64 as tpu_r
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 
 from jaxllm.attention import dispatch
+from jaxllm.attention.chunked import virtual_batches
 from jaxllm.attention.portable import CacheLayout, ragged_paged_attention
 
 F32 = np.dtype(np.float32)
@@ -433,6 +434,53 @@ CHUNK_SPECS = ([65, 600, 128, 129, 257], [200], [(300, 600), (10, 70), (100, 250
 @pytest.mark.parametrize("chunk_size", [64, 100, 256])  # page-aligned, aligned to nothing, KV-block-aligned
 def test_chunked_local_mask_matches_dense_reference(chunk_size):
     check(make_case(3, *CHUNK_SPECS, **FAMILIES[16]), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 256])
+def test_virtual_batches_equal_the_chunk_mask(chunk_size):
+    """Causal attention over per-chunk virtual requests (how chunked layers run on TPU) gives
+    what the chunk mask gives: the same outputs and bitwise the same cache."""
+    case = make_case(3, *CHUNK_SPECS, **FAMILIES[16])
+    expected_out, expected_cache = check(case, chunk_size=chunk_size)
+    q, k, v, cache, *requests = case.args()
+    split = jax.jit(functools.partial(virtual_batches, chunk_size=chunk_size, page_size=case.page_size,
+                                      num_tokens=q.shape[0]))
+    virtual = split(*requests)
+    # One piece per chunk each request's queries touch; decodes stay first.
+    pieces = [cdiv(s.kv_len, chunk_size) - (s.kv_len - s.q_len) // chunk_size for s in case.seqs]
+    assert int(virtual[3][2]) == sum(pieces) > len(case.seqs)
+    assert int(virtual[3][0]) == int(case.distribution[0])
+    out, new_cache = RPA(q, k, v, cache, *virtual, sm_scale=case.head_dim ** -0.5)
+    n = case.num_real_tokens
+    np.testing.assert_allclose(np.asarray(out)[:n], expected_out[:n], rtol=1e-6, atol=1e-6)
+    assert_bitwise_equal(new_cache, expected_cache)
+    with pytest.raises(ValueError, match="not a multiple of the KV-cache page size"):
+        virtual_batches(*requests, chunk_size=100, page_size=case.page_size, num_tokens=q.shape[0])
+
+
+def test_tpu_dispatch_runs_chunked_layers_as_virtual_batches(monkeypatch):
+    """dispatch's TPU branch, on the CPU: tpu-inference's sharded RPA (with our kernel in place of
+    the Pallas one, as the plugin installs off TPU) over virtual requests == the chunk mask."""
+    import jaxllm.vllm_plugin as plugin
+
+    plugin.register()
+    mesh = jax.make_mesh((1, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[:2])  # the case's 2 KV heads, one per device
+    case = make_case(3, *CHUNK_SPECS, **FAMILIES[16])
+    expected_out, expected_cache = check(case, chunk_size=64)
+    kv_lens, page_indices, cu_q_lens, distribution = case.metadata()
+    md = AttentionMetadata(input_positions=jnp.zeros(case.q.shape[0], jnp.int32), block_tables=page_indices,
+                           seq_lens=kv_lens, query_start_loc=cu_q_lens, request_distribution=distribution)
+    monkeypatch.setattr(dispatch, "on_tpu", lambda: True)
+
+    @jax.jit
+    def layer(q, k, v, cache, md):
+        return dispatch.attention(q, k, v, cache, md, mesh, sm_scale=case.head_dim ** -0.5, chunk_size=64)
+
+    new_cache, out = layer(jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(case.cache), md)
+    n = case.num_real_tokens
+    np.testing.assert_allclose(np.asarray(out)[:n], expected_out[:n], rtol=1e-6, atol=1e-6)
+    assert_bitwise_equal(new_cache, expected_cache)
 
 
 def sink_logits(num_heads):

@@ -19,6 +19,7 @@ from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from tpu_inference.layers.common.sharding import ShardingAxisName
 from tpu_inference.utils import get_mesh_shape_product
 
+from jaxllm.attention.chunked import virtual_batches
 from jaxllm.attention.portable import CacheLayout, dtype_packing, ragged_paged_attention
 
 
@@ -44,16 +45,16 @@ def attention(
     """Ragged paged attention for one layer; returns `(new_kv_cache, out [T, N, H])`."""
     md = metadata
     if on_tpu():
-        if chunk_size is not None:
-            # The TPU kernel has sliding windows but no chunk mask; running it as a
-            # window would be silently wrong once a sequence crosses a chunk.
-            raise NotImplementedError(
-                f"chunked-local attention (chunk {chunk_size}) has no TPU kernel yet; "
-                f"serve with --max-model-len <= {chunk_size} so no sequence crosses a chunk")
         from tpu_inference.layers.common.attention_interface import sharded_ragged_paged_attention
+        requests = (md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
+        if chunk_size is not None:
+            # The TPU kernel has no chunk mask: causal attention over per-chunk virtual requests.
+            if get_mesh_shape_product(mesh, ShardingAxisName.ATTN_DATA) > 1:
+                raise NotImplementedError("chunked-local attention on TPU with attention data parallelism")
+            requests = virtual_batches(*requests, chunk_size=chunk_size, page_size=kv_cache.shape[1],
+                                       num_tokens=q.shape[0])
         out, kv_cache = sharded_ragged_paged_attention(
-            mesh, q, k, v, kv_cache, md.seq_lens, md.block_tables, md.query_start_loc,
-            md.request_distribution, None, sm_scale, attention_chunk_size=sliding_window,
+            mesh, q, k, v, kv_cache, *requests, None, sm_scale, attention_chunk_size=sliding_window,
             update_kv_cache=update_kv_cache, use_causal_mask=md.use_causal_mask,
             attn_logits_soft_cap=soft_cap)
         return kv_cache, out

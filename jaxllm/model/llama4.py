@@ -85,10 +85,6 @@ class JaxLlama4ForCausalLM(CausalLM):
         chunk = config.attention_chunk_size
         if chunk is not None and max_model_len <= chunk:
             chunk = None  # no sequence reaches a second chunk: plain causal attention is exact
-        if chunk is not None and mesh.devices.flat[0].platform == "tpu":
-            raise NotImplementedError(
-                f"Llama 4 chunked attention (attention_chunk_size={chunk}) has no TPU kernel in jaxllm yet; "
-                f"serve with --max-model-len {chunk} or less, where causal attention is exact")
         kv_sharding = self.kv_head_sharding(config.num_kv_heads, mesh)
         self.layers = nnx.List([Llama4DecoderLayer(config, i, chunk, kv_sharding, dtype, mesh, rngs)
                                 for i in range(config.num_layers)])
