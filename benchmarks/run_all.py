@@ -1,15 +1,27 @@
-"""`make bench`: every benchmark, one after another, each printing its own table."""
+"""`make bench`: every benchmark, one after another, each printing its own markdown tables.
+
+About 12 minutes on an idle 2-core machine. Every table compares variants measured
+side by side in the same run (taking turns, medians), so its ratios hold under load;
+absolute times do not.
+"""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
 BENCHMARKS = [
-    ["attention.py", "--plot", str(HERE / "attention.png")],
+    ["serving.py", "--reps", "2"],                # 1, 2, 3, 6: vLLM ours / built-in / HF, roofline, compiles
+    ["in_place_and_logits.py", "--reps", "2"],    # 5: KV copies, deferred logits at a 200k vocabulary
+    ["moe.py", "--reps", "3"],                    # routed vs dense MoE dispatch
+    ["attention.py", "--plot", str(HERE / "attention.png")],  # 4: portable RPA vs context and capacity
 ]
 
 if __name__ == "__main__":
     for script, *args in BENCHMARKS:
-        print(f"\n### {script}", flush=True)
+        print(f"\n## {script}", flush=True)
+        start = time.perf_counter()
+        # Engine and JAX start-up noise goes to stderr; the tables come on stdout.
         subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+        print(f"({script}: {time.perf_counter() - start:.0f} s)", flush=True)

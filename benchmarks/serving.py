@@ -28,13 +28,14 @@ import argparse
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -88,11 +89,22 @@ class Engine:
         except queue.Empty:
             result = {"error": f"no answer in {timeout:.0f} s"}
         if "error" in result:
-            self.error = self.error or result["error"]
+            self.error = self.error or self._root_cause() or result["error"]
             print(f"  {self.name}: FAILED: {self.error} (log: {self.log_path})", flush=True)
             self.close()
             return None
         return result
+
+    def _root_cause(self) -> str | None:
+        """The engine core's own exception line from the log (the front end only says the core failed)."""
+        time.sleep(1)  # let the reader thread drain the last lines
+        found = None
+        if self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                match = re.search(r"\] ((?:\w+\.)*\w+(?:Error|Exception): .*)", line)
+                if match:
+                    found = match.group(1)[:300]
+        return found
 
     def generate(self, batch: int, max_tokens: int):
         """(seconds, token ids per request), or None once the engine has failed."""
@@ -103,11 +115,12 @@ class Engine:
         result = self._result(timeout=600)
         return None if result is None else (result["seconds"], result["tokens"])
 
-    def compiles(self) -> int:
-        """XLA compilations logged so far by the engine's processes (the listener writes before the step returns)."""
+    def compiles(self) -> list[str]:
+        """Functions of the XLA compilations logged so far by the engine's processes, in order
+        (the listener writes before the step returns)."""
         if not self.compile_log.exists():
-            return 0
-        return sum(line.split()[2] == "compile" for line in self.compile_log.read_text().splitlines())
+            return []
+        return [line.split()[4] for line in self.compile_log.read_text().splitlines() if line.split()[2] == "compile"]
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -132,8 +145,19 @@ class HFModel:
         self.model = auto.from_pretrained(checkpoint, dtype=torch.float32).eval()
         self.name, self.error = "HF", None
 
-    def compiles(self) -> int:
-        return 0
+    def compiles(self) -> list[str]:
+        return []
+
+    def _root_cause(self) -> str | None:
+        """The engine core's own exception line from the log (the front end only says the core failed)."""
+        time.sleep(1)  # let the reader thread drain the last lines
+        found = None
+        if self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                match = re.search(r"\] ((?:\w+\.)*\w+(?:Error|Exception): .*)", line)
+                if match:
+                    found = match.group(1)[:300]
+        return found
 
     def generate(self, batch: int, max_tokens: int):
         torch = self.torch
@@ -152,17 +176,17 @@ def measure(runners: dict, batches: dict, reps: int) -> dict:
     Also {runner: {"warm-up": XLA compiles in the first turn of each shape, "timed": in the others}}.
     """
     results: dict = {}
-    compiles = {name: {"warm-up": 0, "timed": 0} for name in runners}
+    compiles = {name: {"warm-up": [], "timed": []} for name in runners}
     shapes = sorted({b for bs in batches.values() for b in bs})
     for batch in shapes:
         for rep in range(reps + 1):  # turn 0 is a warm-up (first request of this shape), not recorded
             for name, runner in runners.items():
                 if batch not in batches[name] or runner.error:
                     continue
-                before = runner.compiles()
+                before = len(runner.compiles())
                 first = runner.generate(batch, 1)
                 full = runner.generate(batch, NEW_TOKENS) if first else None
-                compiles[name]["timed" if rep else "warm-up"] += runner.compiles() - before
+                compiles[name]["timed" if rep else "warm-up"] += runner.compiles()[before:]
                 if not full:
                     continue
                 entry = results.setdefault((name, batch), {"ttft": [], "total": [], "tokens": full[1][0]})
@@ -195,7 +219,7 @@ def run_arch(arch: str, reps: int, limits: dict, workdir: Path) -> list[str]:
     hf = HFModel(checkpoint)
     runners = {"ours": engines["ours"], "built-in": engines["built-in"], "HF": hf}
     batches = {**ENGINE_BATCHES, "HF": HF_BATCHES}
-    start_compiles = {name: engine.compiles() for name, engine in engines.items()}
+    start_compiles = {name: len(engine.compiles()) for name, engine in engines.items()}
     results, compiles = measure(runners, batches, reps)
     for engine in engines.values():
         engine.close()
@@ -245,10 +269,15 @@ def run_arch(arch: str, reps: int, limits: dict, workdir: Path) -> list[str]:
         if engine.ready_seconds != engine.ready_seconds:
             rows.append([name, f"failed: {engine.error}", "", "", ""])
             continue
-        rows.append([name, f"{engine.ready_seconds:.1f}", start_compiles[name], compiles[name]["warm-up"],
-                     compiles[name]["timed"]])
+        rows.append([name, f"{engine.ready_seconds:.1f}", start_compiles[name], len(compiles[name]["warm-up"]),
+                     len(compiles[name]["timed"])])
     out.append(table(["model", "start-up s", "compiles in start-up", "compiles in warm-up turns",
                       "compiles after warm-up"], rows))
+    for name in engines:
+        for phase in ("warm-up", "timed"):
+            if compiles[name][phase]:
+                counted = Counter(compiles[name][phase]).most_common()
+                out.append(f"\n{name}, compiled in {phase} turns: " + ", ".join(f"{f} x{n}" for f, n in counted))
     return out
 
 

@@ -3,7 +3,7 @@
 benchmarks/serving.py puts this folder on PYTHONPATH and names the file in
 JAXLLM_BENCH_COMPILE_LOG; Python imports `sitecustomize` at start-up in every
 process that inherits the environment, so the listener is installed in the engine
-core too, which we cannot otherwise reach. Each line: wall time, pid, event, seconds.
+core too, which we cannot otherwise reach. Each line: wall time, pid, event, seconds, function.
 """
 
 import os
@@ -19,13 +19,13 @@ _EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
 if _LOG:
     import jax.monitoring
 
-    def _write(event: str, seconds: float) -> None:
+    def _write(event: str, seconds: float, name: str = "-") -> None:
         with open(_LOG, "a") as f:
-            f.write(f"{time.time():.6f} {os.getpid()} {event} {seconds:.6f}\n")
+            f.write(f"{time.time():.6f} {os.getpid()} {event} {seconds:.6f} {name.replace(' ', '_')}\n")
 
-    def _on_duration(event, seconds, **_):
+    def _on_duration(event, seconds, fun_name="-", **_):
         if event in _EVENTS:
-            _write(_EVENTS[event], seconds)
+            _write(_EVENTS[event], seconds, str(fun_name))
 
     def _on_event(event, **_):
         if event in _EVENTS:
