@@ -249,14 +249,18 @@ def test_compute_logits_soft_caps_the_tied_embedding(dense):
 
 
 def test_multimodal_checkpoint_serves_its_text_model():
+    """Including image/video/audio placeholder ids in the text, which both embed as padding."""
     path = cached_checkpoint("gemma4", "tiny", multimodal=True)
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    reference = hf_logits(path, SEQ, AutoModelForImageTextToText)
+    config = AutoConfig.from_pretrained(path)
+    seq = list(SEQ)
+    seq[3], seq[7], seq[11] = config.image_token_id, config.video_token_id, config.audio_token_id
+    reference = hf_logits(path, seq, AutoModelForImageTextToText)
     model, mesh = load_model(JaxGemma4ForConditionalGeneration, path)
     engine = make_engine(model, mesh, path)
-    request = engine.add(SEQ)
-    (logits,) = engine.step([(request, len(SEQ))], pad_to=PAD, grouped=True)
+    request = engine.add(seq)
+    (logits,) = engine.step([(request, len(seq))], pad_to=PAD, grouped=True)
     np.testing.assert_allclose(logits, reference, atol=ATOL, rtol=0)
 
 

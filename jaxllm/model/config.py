@@ -138,6 +138,10 @@ class Gemma4Config:
     # Per-layer inputs (PLE): 0 means off.
     hidden_size_per_layer_input: int
     vocab_size_per_layer_input: int
+    # Multimodal checkpoints: image/video/audio placeholder ids, embedded as `pad_token_id`
+    # (as transformers does) since we run no vision or audio tower.
+    placeholder_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
 
     @property
     def kv_donors(self) -> frozenset[int]:
@@ -221,6 +225,11 @@ class Gemma4Config:
             for field in ("num_experts", "top_k_experts", "moe_intermediate_size"):
                 _require(getattr(c, field) is not None, f"Gemma 4 enable_moe_block=True needs {field}")
         ple = c.hidden_size_per_layer_input or 0
+        placeholders = ()
+        if c is not hf_config:  # a multimodal checkpoint
+            placeholders = tuple(getattr(hf_config, name) for name in ("image_token_id", "video_token_id",
+                                                                        "audio_token_id")
+                                 if getattr(hf_config, name, None) is not None)
         return cls(
             vocab_size=c.vocab_size,
             hidden_size=c.hidden_size,
@@ -238,4 +247,6 @@ class Gemma4Config:
             moe_intermediate_size=c.moe_intermediate_size if moe else 0,
             hidden_size_per_layer_input=ple,
             vocab_size_per_layer_input=c.vocab_size_per_layer_input if ple else 0,
+            placeholder_token_ids=placeholders,
+            pad_token_id=c.pad_token_id or 0,
         )

@@ -204,6 +204,10 @@ class JaxGemma4ForCausalLM(CausalLM):
     def __call__(self, kv_caches, input_ids, attention_metadata, inputs_embeds=None, input_positions=None,
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):
         c = self.config
+        if input_ids is not None and c.placeholder_token_ids:
+            # No image/audio features replace these placeholders here: like transformers, embed them as padding.
+            placeholder = jnp.isin(input_ids, jnp.asarray(c.placeholder_token_ids, input_ids.dtype))
+            input_ids = jnp.where(placeholder, c.pad_token_id, input_ids)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         per_layer = None
         if c.hidden_size_per_layer_input:
