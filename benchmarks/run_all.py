@@ -16,6 +16,7 @@ BENCHMARKS = [
     ["in_place_and_logits.py", "--reps", "2"],    # 5: KV copies, deferred logits at a 200k vocabulary
     ["moe.py", "--reps", "3"],                    # routed vs dense MoE dispatch
     ["attention.py", "--plot", str(HERE / "attention.png")],  # 4: portable RPA vs context and capacity
+    ["kv_capacity.py"],                           # window-aware KV cache vs full length, vLLM's planner
 ]
 
 if __name__ == "__main__":
