@@ -21,9 +21,11 @@ ragged batches.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 import torch
@@ -278,7 +280,7 @@ def test_tensor_parallel_on_four_devices_pads_kv_heads_like_the_runner():
 def test_missing_tensor_is_named(dense, tmp_path):
     name = "model.layers.5.self_attn.v_proj.weight"
     broken = broken_copy(dense[0], tmp_path, lambda t: t.pop(name))
-    with pytest.raises(CheckpointError, match=r"layers\.5\.attn\.v_proj"):
+    with pytest.raises(CheckpointError, match=rf"layers\.5\.attn\.v_proj \(tensor '{re.escape(name)}'\)"):
         load_model(JaxGemma4ForCausalLM, broken)
 
 

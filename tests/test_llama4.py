@@ -7,8 +7,11 @@ boundaries and many pages; every 4th layer is NoPE (global, temperature-tuned).
 """
 
 
+import re
+
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 import torch
@@ -162,7 +165,7 @@ def test_tensor_parallel_on_four_devices_matches_one(model, reference):
 def test_missing_tensor_is_named(checkpoint, tmp_path):
     name = "model.layers.1.self_attn.k_proj.weight"
     broken = broken_copy(checkpoint, tmp_path, lambda t: t.pop(name))
-    with pytest.raises(CheckpointError, match=r"layers\.1\.attn\.k_proj"):
+    with pytest.raises(CheckpointError, match=rf"layers\.1\.attn\.k_proj \(tensor '{re.escape(name)}'\)"):
         load_model(JaxLlama4ForCausalLM, broken)
 
 

@@ -88,6 +88,7 @@ def load_checkpoint(model: nnx.Module, model_dir: str, rules: list[Rule], *, mes
     params = parameters(model)
     compiled = [(re.compile(rule.pattern), rule) for rule in rules]
     filled: dict[str, str] = {}
+    stripped = ""  # the prefix this checkpoint's names carry, for error messages
     files = checkpoint_files(model_dir)
     for number, path in enumerate(files, 1):
         logger.info("jaxllm: loading weights from %s (%d/%d)", os.path.basename(path), number, len(files))
@@ -96,7 +97,7 @@ def load_checkpoint(model: nnx.Module, model_dir: str, rules: list[Rule], *, mes
             local = name
             for prefix in strip_prefixes:
                 if local.startswith(prefix):
-                    local = local[len(prefix):]
+                    local, stripped = local[len(prefix):], prefix
                     break
             if local.startswith(skip_prefixes):
                 continue
@@ -119,8 +120,24 @@ def load_checkpoint(model: nnx.Module, model_dir: str, rules: list[Rule], *, mes
                 filled[target] = where
     missing = sorted(set(params) - set(filled))
     if missing:
+        named = [f"{target} (tensor {_tensor_name(target, rules, stripped)!r})" for target in missing[:20]]
         raise CheckpointError(f"checkpoint {model_dir} has no tensor for {len(missing)} parameter(s): "
-                              + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+                              + ", ".join(named) + (" ..." if len(missing) > 20 else ""))
+
+
+def _tensor_name(target: str, rules: list[Rule], prefix: str) -> str:
+    """The checkpoint tensor a rule would have filled `target` from, e.g. 'model.layers.1.self_attn.k_proj.weight'."""
+    for rule in rules:
+        for template in rule.targets:
+            groups = re.fullmatch(re.sub(r"\\{(\d+)\\}", r"(?P<g\1>[^.]+)", re.escape(template)), target)
+            if groups is None:
+                continue
+            found = {int(key[1:]): value for key, value in groups.groupdict().items()}
+            values = iter(found.get(i, "?") for i in range(max(found, default=-1) + 1))
+            # Each capture group of the rule's pattern, in order, becomes its value.
+            name = re.sub(r"\((?!\?)[^()]*\)", lambda _: next(values, "?"), rule.pattern)
+            return prefix + name.replace("\\", "")
+    return "?"
 
 
 # Layout conversions from torch's (out, in) Linear weights.
