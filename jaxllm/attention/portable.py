@@ -17,7 +17,8 @@ buffer and copies nothing.
 Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
 metadata, so work follows the tokens actually attended, not `max_model_len`:
 - decode rows go `DECODE_TILE` at a time, each row gathering its own pages, over
-  the KV blocks that the rows in the tile need;
+  the KV blocks that the rows in the tile need; fewer than `FEW_DECODE_ROWS` rows go
+  one at a time, since a tile gathers and computes all its rows, live or not;
 - every other request goes query block by query block, over only the KV blocks
   its causal / sliding / chunked mask can reach.
 Softmax is the online (flash) form in fp32, so no `[q, kv_len]` score matrix exists.
@@ -35,6 +36,7 @@ from jax import lax
 # enough that CPU loop overhead is small, small enough that a tile's gathered
 # pages stay in cache.
 DECODE_TILE = 8
+FEW_DECODE_ROWS = 4  # below this, tiles of one row (batch 1 decode: 5x less work than a tile of 8)
 QUERY_BLOCK = 128
 KV_BLOCK_TOKENS = 256
 
@@ -155,7 +157,9 @@ def ragged_paged_attention(
     q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = jnp.zeros(q.shape, queries.dtype)
-    out = attend.decode_rows(q, out, kv_cache)
+    out = lax.cond(batch.decode_tokens < FEW_DECODE_ROWS,
+                   lambda out: attend.decode_rows(q, out, kv_cache, tile=1),
+                   lambda out: attend.decode_rows(q, out, kv_cache, tile=DECODE_TILE), out)
     out = attend.query_blocks(q, out, kv_cache)
     out = out[:num_tokens].reshape(num_tokens, num_heads, head_dim)
     if update_kv_cache:
@@ -323,12 +327,12 @@ class _Attend:
         state = lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
         return self._finish(state, q.dtype)
 
-    def decode_rows(self, q, out, kv_cache):
-        """Tokens of the decode requests, DECODE_TILE at a time, each row gathering its own pages.
+    def decode_rows(self, q, out, kv_cache, tile: int):
+        """Tokens of the decode requests, `tile` at a time, each row gathering its own pages.
 
         Decode requests come first, so their tokens are rows [0, cu_q_lens[decode_end]).
         """
-        batch, tile = self.batch, DECODE_TILE
+        batch = self.batch
         num_rows = batch.decode_tokens
 
         def body(i, out):
