@@ -46,9 +46,11 @@ def main() -> None:
         from vllm import LLM, SamplingParams
 
         start = time.perf_counter()
+        architecture = os.environ.get("JAXLLM_BENCH_ARCHITECTURE")
+        overrides = {"hf_overrides": {"architectures": [architecture]}} if architecture else {}
         llm = LLM(model=model, max_model_len=max_model_len, max_num_seqs=max_num_seqs, dtype="float32",
                   gpu_memory_utilization=0.1, enable_prefix_caching=False, seed=0,
-                  limit_mm_per_prompt={"image": 0, "video": 0})
+                  limit_mm_per_prompt={"image": 0, "video": 0}, **overrides)
         reply({"ready": time.perf_counter() - start, "ready_at": time.time()})
     except BaseException as exc:  # noqa: BLE001 -- reported to the driver, which records it
         traceback.print_exc()
@@ -70,7 +72,7 @@ def main() -> None:
             reply({"error": first_error_line(exc)})
             return
         reply({"seconds": seconds, "tokens": [list(o.outputs[0].token_ids) for o in outputs]})
-    os._exit(0)  # skip vLLM's slow shutdown; the engine core dies with its parent pipe
+    os._exit(0)  # skip vLLM's slow shutdown; the driver kills the engine core with this session
 
 
 if __name__ == "__main__":

@@ -178,15 +178,16 @@ def _build_plan(runner, layers, windows) -> Plan | None:
             specs[f"layer.{i}"] = ChunkedLocalAttentionSpec(attention_chunk_size=size, **common)
         else:
             specs[f"layer.{i}"] = FullAttentionSpec(**common)
-    # Padded pages (one buffer per row layout) can cost more than full-length caches at short
-    # contexts; compare what one request of max_model_len holds, as vLLM sizes it.
+    # At short contexts a window plus the tokens in flight is the whole context, and padded pages
+    # (one buffer per row layout) cost more still: compare what one request of max_model_len
+    # holds, as vLLM sizes it.
     windowed_bytes = sum(spec.max_memory_usage_bytes(runner.vllm_config) for spec in specs.values())
     full_bytes = sum(page_bytes(row(layer), base_block) * -(-runner.model_config.max_model_len // base_block)
                      for layer in own.values())
     if windowed_bytes >= full_bytes:
-        logger.info("jaxllm: full-length KV cache: with pages padded for %d row layouts, windows save nothing "
-                    "at max_model_len %d (%.1f vs %.1f MiB per request)", len(shapes),
-                    runner.model_config.max_model_len, windowed_bytes / 2**20, full_bytes / 2**20)
+        logger.info("jaxllm: full-length KV cache: at max_model_len %d windows save nothing (%.1f MiB per "
+                    "request with them, %.1f without)", runner.model_config.max_model_len,
+                    windowed_bytes / 2**20, full_bytes / 2**20)
         return None
     shared = {f"layer.{i}": f"layer.{layer.kv_donor}" for i, layer in enumerate(layers) if layer.kv_donor is not None}
     storage = FullAttentionSpec(block_size=block_of[shapes[0]], num_kv_heads=shapes[0][0],
