@@ -6,11 +6,25 @@ import datetime
 import os
 import platform
 import statistics
+import time
 
 
 def median(values) -> float:
     values = list(values)
     return statistics.median(values) if values else float("nan")
+
+
+def alternating(variants: dict, reps: int) -> dict:
+    """Median seconds of each variant's callable, run in turns `reps` times after one untimed turn
+    (which compiles), so that load on the machine hits every variant alike."""
+    times = {name: [] for name in variants}
+    for rep in range(reps + 1):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return {name: median(values) for name, values in times.items()}
 
 
 def machine() -> str:

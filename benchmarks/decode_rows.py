@@ -12,12 +12,12 @@ read at trace time) and run alternately. Models: small Llama 4 and small Gemma 4
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import fmt, machine, median, table  # noqa: E402
+from common import alternating, fmt, machine, table  # noqa: E402
 from model_driver import Stepper, build_model  # noqa: E402
 
 from jaxllm.attention import portable  # noqa: E402
@@ -39,17 +39,15 @@ def main() -> None:
         steppers = {"tiles of 8": Stepper(model, mesh, 8, 1024 + 16), "adaptive": Stepper(model, mesh, 8, 1024 + 16)}
         for label, q_lens, context in CASES:
             inputs = steppers["adaptive"].inputs(q_lens, context)
-            times = {variant: [] for variant in steppers}
-            for rep in range(args.reps + 1):
-                for variant, stepper in steppers.items():
-                    # Read when a step is traced: each stepper traces its own variant on first use.
-                    portable.FEW_DECODE_ROWS = few_rows if variant == "adaptive" else 0
-                    start = time.perf_counter()
-                    stepper.run(False, inputs)
-                    if rep:  # the first run compiles
-                        times[variant].append(time.perf_counter() - start)
+
+            def step(variant):
+                # Read when a step is traced: each stepper traces its own variant on first use.
+                portable.FEW_DECODE_ROWS = few_rows if variant == "adaptive" else 0
+                steppers[variant].run(False, inputs)
+
+            medians = alternating({variant: functools.partial(step, variant) for variant in steppers}, args.reps)
             portable.FEW_DECODE_ROWS = few_rows
-            before, after = median(times["tiles of 8"]), median(times["adaptive"])
+            before, after = medians["tiles of 8"], medians["adaptive"]
             rows.append([name, f"{label}, context {context}", fmt(before * 1e3), fmt(after * 1e3),
                          f"{before / after:.2f}x"])
             print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)

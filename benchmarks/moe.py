@@ -12,15 +12,15 @@ block on (8 experts, top-2, every layer).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import fmt, machine, median, table  # noqa: E402
+from common import alternating, fmt, machine, table  # noqa: E402
 from model_driver import Stepper, build_model  # noqa: E402
 
 from jaxllm.model import mlp  # noqa: E402
@@ -55,18 +55,16 @@ def main() -> None:
             steppers = {"routed": Stepper(model, mesh, 16, 1024 + 16), "dense": Stepper(model, mesh, 16, 1024 + 16)}
             for label, q_lens, context in CASES:
                 inputs = steppers["routed"].inputs(q_lens, context)
-                times = {v: [] for v in steppers}
-                for rep in range(args.reps + 1):
-                    for variant, stepper in steppers.items():
-                        # Read at trace time, so each variant's step is compiled with its own dispatch.
-                        mlp._expert_axis_size = real_axis_size if variant == "routed" else (lambda: 2)
-                        start = time.perf_counter()
-                        stepper.run(False, inputs)
-                        if rep:  # the first run compiles
-                            times[variant].append(time.perf_counter() - start)
-                dense, routed = median(times["dense"]), median(times["routed"])
+
+                def step(variant):
+                    # Read at trace time, so each variant's step is compiled with its own dispatch.
+                    mlp._expert_axis_size = real_axis_size if variant == "routed" else (lambda: 2)
+                    steppers[variant].run(False, inputs)
+
+                medians = alternating({variant: functools.partial(step, variant) for variant in steppers}, args.reps)
+                dense, routed = medians["dense"], medians["routed"]
                 rows.append([name, label, fmt(dense * 1e3), fmt(routed * 1e3), f"{dense / routed:.2f}x"])
-                print(" | ".join(map(str, rows[-1])), flush=True)
+                print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
             mlp._expert_axis_size = real_axis_size
             del model, steppers
     print(f"\n### MoE dispatch, model step alone (median of {args.reps}, alternating; {machine()})\n")

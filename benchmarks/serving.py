@@ -153,17 +153,6 @@ class HFModel:
     def compiles(self) -> list[str]:
         return []
 
-    def _root_cause(self) -> str | None:
-        """The engine core's own exception line from the log (the front end only says the core failed)."""
-        time.sleep(1)  # let the reader thread drain the last lines
-        found = None
-        if self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
-                match = re.search(r"\] ((?:\w+\.)*\w+(?:Error|Exception): .*)", line)
-                if match:
-                    found = match.group(1)[:300]
-        return found
-
     def generate(self, batch: int, max_tokens: int):
         torch = self.torch
         ids = torch.tensor([p["prompt_token_ids"] for p in prompts(batch, PROMPT_LEN)])
