@@ -59,12 +59,10 @@ def mode() -> str:
 
 def install() -> None:
     """Patch tpu-inference's KV-cache manager once it is imported (engine processes only)."""
-    if mode() == "auto":
+    if mode() != "0":
         # vLLM turns its hybrid KV-cache manager off for any model with chunked attention
         # (a GPU latency concern) unless told otherwise; without it, no chunked group.
         os.environ.setdefault("VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE", "1")
-    elif mode() == "1":
-        os.environ["VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE"] = "1"
     from jaxllm.vllm_plugin.runner_fixes import when_imported
     when_imported(_MANAGER_MODULE, _patch_manager)
 
