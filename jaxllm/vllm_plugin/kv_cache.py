@@ -145,24 +145,27 @@ def _build_plan(runner, layers, windows) -> Plan | None:
     def row(layer) -> tuple[int, int]:
         return get_padded_num_heads(layer.num_kv_heads, tp), get_padded_head_dim(layer.head_dim)
 
-    def page_bytes(shape: tuple[int, int], block: int) -> int:
-        return int(get_attention_page_size_bytes(runner.mesh, block, *shape, dtype, False, runner.attention_backend))
+    def page_bytes(shape: tuple[int, int]) -> int:
+        """Bytes of one `base_block`-token page of rows `shape`, as tpu-inference lays them out."""
+        return int(get_attention_page_size_bytes(runner.mesh, base_block, *shape, dtype, False,
+                                                 runner.attention_backend))
 
     own = {i: layer for i, layer in enumerate(layers) if layer.kv_donor is None}
-    shapes = sorted({row(layer) for layer in own.values()}, key=lambda s: -page_bytes(s, base_block))
+    base_page = {shape: page_bytes(shape) for shape in {row(layer) for layer in own.values()}}
+    shapes = sorted(base_page, key=lambda shape: -base_page[shape])
     views = len(shapes) > 1 and not tpu_present()
     block_of = {shape: base_block for shape in shapes}
-    padded = page_bytes(shapes[0], base_block)
+    padded = base_page[shapes[0]]
     if len(shapes) > 1 and views:
         for shape in shapes[1:]:
-            ratio, rest = divmod(padded, page_bytes(shape, base_block))
+            ratio, rest = divmod(padded, base_page[shape])
             if rest:
                 return _refuse(f"KV rows {shapes[0]} and {shape} (heads, head size) have pages of "
-                               f"{padded} and {page_bytes(shape, base_block)} bytes per {base_block}-token "
+                               f"{padded} and {base_page[shape]} bytes per {base_block}-token "
                                f"block, which no whole block size makes equal")
             block_of[shape] = base_block * ratio
     elif len(shapes) > 1:
-        padded = sum(page_bytes(shape, base_block) for shape in shapes)
+        padded = sum(base_page.values())
 
     specs = {}
     for i, layer in own.items():
@@ -180,7 +183,7 @@ def _build_plan(runner, layers, windows) -> Plan | None:
     # (one buffer per row layout) cost more still: compare what one request of max_model_len
     # holds, as vLLM sizes it.
     windowed_bytes = sum(spec.max_memory_usage_bytes(runner.vllm_config) for spec in specs.values())
-    full_bytes = sum(page_bytes(row(layer), base_block) * -(-runner.model_config.max_model_len // base_block)
+    full_bytes = sum(base_page[row(layer)] * -(-runner.model_config.max_model_len // base_block)
                      for layer in own.values())
     if windowed_bytes >= full_bytes:
         logger.info("jaxllm: full-length KV cache: at max_model_len %d windows save nothing (%.1f MiB per "
