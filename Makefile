@@ -1,7 +1,7 @@
 # Every target builds the environment first when it is missing (tools/venv.sh).
 PY := .venv/bin/python
 # A TPU VM exposes /dev/accel* (v4, v5p) or numbered /dev/vfio entries (v5e, v6e), as
-# jaxllm.vllm_plugin.host.tpu_present checks; anywhere else run JAX on the CPU.
+# jaxllm.platform.on_tpu checks; anywhere else run JAX on the CPU.
 JAX_PLATFORMS ?= $(shell ls /dev/accel* >/dev/null 2>&1 || ls /dev/vfio 2>/dev/null | grep -qx '[0-9][0-9]*' || echo cpu)
 export JAX_PLATFORMS
 HOST ?= 127.0.0.1

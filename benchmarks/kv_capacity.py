@@ -4,7 +4,7 @@ For each published layer pattern and context length this asks vLLM's own planner
 (`get_kv_cache_configs`, the call the engine core makes at start-up) for the pool
 and reports what vLLM logs at start-up: "KV cache size: N tokens, Maximum
 concurrency for L tokens per request: X". The specs come from
-- jaxllm: `jaxllm.vllm_plugin.kv_cache.plan_for` (sliding / chunked / full per layer);
+- jaxllm: `jaxllm.vllm_plugin.kv_plan.plan` (sliding / chunked / full per layer);
 - built-in: tpu-inference's `KVCacheManager.get_kv_cache_spec`, which its own
   Llama 4 and Gemma 4 get (every layer full length).
 Both on the same vLLM config, budget, block size and KV dtype (bf16). Only the
@@ -84,20 +84,20 @@ def specs_for(vllm_config, mesh, windowed: bool, as_on_tpu: bool = False) -> dic
     import torch
     from tpu_inference.runner.kv_cache_manager import KVCacheManager
 
-    from jaxllm.vllm_plugin import host, kv_cache
+    from jaxllm.vllm_plugin import kv_plan
+    from jaxllm.vllm_plugin.models import our_class
 
-    runner = SimpleNamespace(model_config=vllm_config.model_config, vllm_config=vllm_config,
+    runner = SimpleNamespace(model=None, model_config=vllm_config.model_config, vllm_config=vllm_config,
                              cache_config=vllm_config.cache_config, parallel_config=vllm_config.parallel_config,
                              speculative_config=None, mesh=mesh, kv_cache_dtype=torch.bfloat16,
                              attention_backend=None)
-    manager = KVCacheManager(runner)
-    os.environ[kv_cache.MODE_ENV] = "auto" if windowed else "0"
-    tpu_present, host.tpu_present = host.tpu_present, lambda: as_on_tpu
-    try:
-        return manager.get_kv_cache_spec()  # the plugin's hook: ours, or tpu-inference's with "0"
-    finally:
-        del os.environ[kv_cache.MODE_ENV]
-        host.tpu_present = tpu_present
+    if windowed:
+        hf_config = vllm_config.model_config.hf_config
+        layers = our_class(hf_config).config_class.from_hf(hf_config).kv_layers()
+        plan = kv_plan.plan(layers, runner, on_tpu=as_on_tpu)
+        if plan is not None:
+            return plan.specs
+    return KVCacheManager(runner).get_kv_cache_spec()  # tpu-inference's own: the runner serves none of ours
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Offline batch generation with vLLM and the jaxllm plugin.
 
-    python examples/offline_batch.py                          # small local Llama 4 and Gemma 4 checkpoints
+    python examples/offline_batch.py                          # tiny local Llama 4 and Gemma 4 checkpoints
     python examples/offline_batch.py --model /path/to/checkpoint --prompts prompts.txt --max-tokens 128
     python examples/offline_batch.py --model meta-llama/Llama-4-Scout-17B-16E-Instruct \\
         --tensor-parallel-size 8 --max-model-len 8192 --num-prompts 256 --ignore-eos
@@ -66,9 +66,9 @@ def engine_kwargs(args, parser) -> dict:
     kwargs = {k: v for k, v in vars(args).items()
               if k not in EXAMPLE_FLAGS and (k in ENGINE_DEFAULTS or v != parser.get_default(k))}
     if kwargs["gpu_memory_utilization"] is None:
-        from jaxllm.vllm_plugin.host import tpu_present
+        from jaxllm.platform import on_tpu
 
-        if tpu_present():
+        if on_tpu():
             del kwargs["gpu_memory_utilization"]  # vLLM's default
         else:
             # Off TPU the "device memory" is RAM, shared with everything else, and the

@@ -22,7 +22,7 @@ if [ -z "$model" ]; then
   model=$("$PY" -c 'from jaxllm.checkpoints import cached_checkpoint; print(cached_checkpoint("llama4", "tiny"))')
 fi
 
-# The rule of jaxllm.vllm_plugin.host.tpu_present, in shell: importing the plugin
+# The rule of jaxllm.platform.on_tpu, in shell: importing the plugin
 # imports vLLM, which alone takes seconds.
 tpu_present() {
   if [ -n "${JAX_PLATFORMS:-}" ]; then

@@ -1,8 +1,9 @@
 """The window-aware KV-cache plan (`jaxllm.vllm_plugin.kv_cache.plan_for`) on real vLLM configs.
 
-Only configs: the plan is made from an HF config folder and vLLM's engine config,
-with the runner's attributes the plan reads, and fed to vLLM's own planner. The
-end-to-end behaviour is in test_windowed_kv_cache.py.
+No weights: the plan is made from an HF config folder, vLLM's engine config and our
+model built abstractly (as the runner holds it), with the runner's attributes the
+plan reads, and fed to vLLM's own planner. The end-to-end behaviour is in
+test_windowed_kv_cache.py.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from types import SimpleNamespace
 import jax
 import pytest
 import torch
+from flax import nnx
 from transformers import Gemma4TextConfig, Llama4TextConfig
 from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
 import jaxllm.vllm_plugin as plugin
-from jaxllm.vllm_plugin import host, kv_cache
+from jaxllm import platform
+from jaxllm.vllm_plugin import kv_cache, kv_plan
 from jaxllm.vllm_plugin.host import plain_mesh
+from jaxllm.vllm_plugin.models import our_class
 
 # Gemma 4 31B's attention: 5 sliding layers (16 KV heads x 256, window 1024) per global one (4 x 512).
 GEMMA4_31B = dict(num_hidden_layers=12, hidden_size=256, num_attention_heads=32, num_key_value_heads=16,
@@ -46,9 +50,14 @@ def engine_config(tmp_path, arch: str, max_len: int, **overrides):
                       skip_tokenizer_init=True, **engine_overrides).create_engine_config()
 
 
-def runner_for(vllm_config):
+def runner_for(vllm_config, model=None):
+    """The runner's attributes the plan reads; `model`: what it serves (default: ours, built abstractly)."""
     mesh = plain_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
-    return SimpleNamespace(model_config=vllm_config.model_config, vllm_config=vllm_config,
+    if model is None:
+        cls = our_class(vllm_config.model_config.hf_config)
+        with jax.set_mesh(mesh):
+            model = nnx.eval_shape(lambda: cls(vllm_config, jax.random.key(0), mesh))
+    return SimpleNamespace(model=model, model_config=vllm_config.model_config, vllm_config=vllm_config,
                            cache_config=vllm_config.cache_config, parallel_config=vllm_config.parallel_config,
                            speculative_config=None, mesh=mesh, kv_cache_dtype=torch.bfloat16,
                            attention_backend=None)
@@ -56,7 +65,7 @@ def runner_for(vllm_config):
 
 @pytest.fixture
 def on_tpu(monkeypatch):
-    monkeypatch.setattr(host, "tpu_present", lambda: True)
+    monkeypatch.setattr(platform, "on_tpu", lambda: True)
 
 
 def test_gemma4_sliding_and_global_rows_share_one_page_size(tmp_path):
@@ -70,17 +79,24 @@ def test_gemma4_sliding_and_global_rows_share_one_page_size(tmp_path):
     # A global row (4 x 512) is half a sliding row (16 x 256): twice the tokens per page.
     assert {s.block_size for s in sliding} == {base} and {s.block_size for s in full} == {2 * base}
     assert len({s.page_size_bytes for s in plan.specs.values()}) == 1
-    assert plan.views and (plan.storage_spec.num_kv_heads, plan.storage_spec.head_size) == (16, 256)
+    assert (plan.storage.num_kv_heads, plan.storage.head_size) == (16, 256)
 
 
 def test_on_tpu_each_row_layout_gets_its_own_buffer_or_the_cache_stays_full(tmp_path, on_tpu):
     """One buffer per row layout, pages padded to both; at 8k that holds more than full-length caches."""
     long = kv_cache.plan_for(runner_for(engine_config(tmp_path, "gemma4", 131072, **GEMMA4_31B)))
-    assert not long.views
+    assert long.storage is None
     assert len({s.block_size for s in long.specs.values()}) == 1
     sliding_page, global_page = 2 * 16 * 256 * 2, 2 * 4 * 512 * 2  # K and V, bf16, per token
     assert {s.page_size_bytes for s in long.specs.values()} == {(sliding_page + global_page) * 32 * 4}
     assert kv_cache.plan_for(runner_for(engine_config(tmp_path, "gemma4", 8192, **GEMMA4_31B))) is None
+
+
+def test_no_plan_unless_our_model_serves(tmp_path):
+    """With MODEL_IMPL_TYPE=vllm, or a fallback to vLLM's torch model, the runner serves another
+    model whose layers are named otherwise: tpu-inference keeps its own cache."""
+    vllm_config = engine_config(tmp_path, "gemma4", 32768, **GEMMA4_31B)
+    assert kv_cache.plan_for(runner_for(vllm_config, model=object())) is None
 
 
 def test_kv_shared_layers_point_at_their_donors(tmp_path):
@@ -115,7 +131,7 @@ def test_window_aware_cache_admits_more_long_requests_than_full_length(tmp_path)
     vllm_config = engine_config(tmp_path, "gemma4", 32768, **GEMMA4_31B)
 
     def concurrency(mode, monkeypatch):
-        monkeypatch.setenv(kv_cache.MODE_ENV, mode)
+        monkeypatch.setenv(kv_plan.MODE_ENV, mode)
         config = copy.deepcopy(vllm_config)
         record_kv_cache_layout(config.cache_config, "LBNHC")
         specs = KVCacheManager(runner_for(config)).get_kv_cache_spec()
@@ -130,10 +146,10 @@ def test_bad_combinations_fail_at_startup_or_warn(tmp_path, monkeypatch, caplog)
     # 3 KV heads x 256 vs 2 x 512: pages of 1536 and 2048 bytes per token, no whole ratio.
     odd = {**GEMMA4_31B, "num_key_value_heads": 3, "num_attention_heads": 6, "num_global_key_value_heads": 2}
     runner = runner_for(engine_config(tmp_path, "gemma4", 32768, **odd))
-    monkeypatch.setenv(kv_cache.MODE_ENV, "1")
-    with pytest.raises(kv_cache.WindowedKVCacheError, match=r"rows \(2, 512\) and \(3, 256\)"):
+    monkeypatch.setenv(kv_plan.MODE_ENV, "1")
+    with pytest.raises(kv_plan.WindowedKVCacheError, match=r"rows \[\(2, 512\), \(3, 256\)\]"):
         kv_cache.plan_for(runner)
-    monkeypatch.setenv(kv_cache.MODE_ENV, "auto")
+    monkeypatch.setenv(kv_plan.MODE_ENV, "auto")
     jaxllm_logger = logging.getLogger("vllm.jaxllm")  # vLLM's loggers don't propagate to the root
     jaxllm_logger.addHandler(caplog.handler)
     try:
@@ -144,9 +160,9 @@ def test_bad_combinations_fail_at_startup_or_warn(tmp_path, monkeypatch, caplog)
 
     hybrid_off = engine_config(tmp_path, "gemma4", 32768, **GEMMA4_31B,
                                engine={"disable_hybrid_kv_cache_manager": True})
-    monkeypatch.setenv(kv_cache.MODE_ENV, "1")
-    with pytest.raises(kv_cache.WindowedKVCacheError, match="hybrid KV-cache manager is disabled"):
+    monkeypatch.setenv(kv_plan.MODE_ENV, "1")
+    with pytest.raises(kv_plan.WindowedKVCacheError, match="hybrid KV-cache manager is disabled"):
         kv_cache.plan_for(runner_for(hybrid_off))
-    monkeypatch.setenv(kv_cache.MODE_ENV, "sometimes")
+    monkeypatch.setenv(kv_plan.MODE_ENV, "sometimes")
     with pytest.raises(ValueError, match="JAXLLM_WINDOWED_KV_CACHE='sometimes'"):
         kv_cache.plan_for(runner_for(hybrid_off))

@@ -41,17 +41,14 @@ def test_register_adapts_tpu_inference_to_the_cpu_host():
 def test_register_twice_is_harmless():
     import logging
 
-    def register_afresh():  # as a new process loading the plugin would
-        vllm_plugin._registered = False
-        vllm_plugin.register()
+    from jaxllm.vllm_plugin import patching
 
-    register_afresh()
-    before = _adapted_names()
+    before, patches = _adapted_names(), patching.installed()
     handlers = logging.getLogger("vllm").handlers
     filters_before = [len(h.filters) for h in handlers]
-    register_afresh()
     vllm_plugin.register()
-    assert _adapted_names() == before
+    vllm_plugin.register()
+    assert _adapted_names() == before and patching.installed() == patches
     assert [len(h.filters) for h in handlers] == filters_before
 
 
@@ -62,11 +59,68 @@ def test_runner_modules_imported_after_register_see_the_adaptations():
     assert decode_loop.get_step_fn_compiler_options() == {}
 
 
+def test_explain_lists_every_patch_applied():
+    """What `python -m jaxllm.vllm_plugin --explain` prints: every replaced name, applied, with why."""
+    import importlib
+
+    from jaxllm.vllm_plugin import patching
+
+    for patch in patching.installed():
+        importlib.import_module(patch.module)
+    text = patching.explain()
+    names = {p.target for p in patching.installed()}
+    assert {"tpu_inference.utils.hbm_usage_bytes", "tpu_inference.utils.device_array",
+            "tpu_inference.runner.tpu_runner.TPUModelRunner._modify_prev_results",
+            "tpu_inference.runner.kv_cache_manager.KVCacheManager.get_kv_cache_spec",
+            "tpu_inference.models.common.model_loader._get_model_architecture"} <= names
+    for patch in patching.installed():
+        assert f"applied  {patch.target}" in text and patch.why in text
+    assert "waiting" not in text and "LOST" not in text
+
+
+def test_readme_lists_every_patch():
+    """The README's table of what jaxllm changes in tpu-inference matches the patches installed."""
+    from pathlib import Path
+
+    from jaxllm.vllm_plugin import patching
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [p.target for p in patching.installed() if f"`{p.target}`" not in readme]
+    assert missing == []
+
+
+def test_a_patch_waits_for_its_module_and_reaches_earlier_copies(tmp_path, monkeypatch):
+    """A patch of a module not yet imported applies on import; one of an imported module also
+    rebinds `from module import name` copies made before it; installing twice is a no-op."""
+    import importlib
+    import sys
+
+    from jaxllm.vllm_plugin import patching
+
+    (tmp_path / "jaxllm_fake_lib.py").write_text("def answer():\n    return 1\n")
+    (tmp_path / "jaxllm_fake_user.py").write_text("from jaxllm_fake_lib import answer\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    later = patching.Patch("jaxllm_fake_later", "answer", "test", lambda original: lambda: original() + 1)
+    (tmp_path / "jaxllm_fake_later.py").write_text("def answer():\n    return 10\n")
+    patching.install(later)
+    assert not patching.is_applied(later) and "waiting" in patching.explain()
+    assert importlib.import_module("jaxllm_fake_later").answer() == 11 and patching.is_applied(later)
+
+    user = importlib.import_module("jaxllm_fake_user")
+    now = patching.Patch("jaxllm_fake_lib", "answer", "test", lambda original: lambda: original() + 1)
+    patching.install(now)
+    patching.install(now)
+    assert sys.modules["jaxllm_fake_lib"].answer() == 2 and user.answer() == 2
+    assert patching.original("jaxllm_fake_lib.answer")() == 1
+
+
 def test_tpu_detection_follows_jax_platforms(monkeypatch):
+    from jaxllm import platform
+
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert not host.tpu_present()
+    assert not platform.on_tpu()
     monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
-    assert host.tpu_present()
+    assert platform.on_tpu()
 
 
 def test_plain_mesh_keeps_device_order():

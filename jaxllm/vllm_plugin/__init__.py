@@ -1,25 +1,21 @@
-"""vLLM plugin entry point (`vllm.general_plugins`): registers jaxllm with tpu-inference.
+"""vLLM plugin entry point (`vllm.general_plugins`): makes tpu-inference serve jaxllm's models.
 
-vLLM loads general plugins in every process it starts (API server, engine core,
-workers), so `register()` runs many times and must be idempotent.
+Everything jaxllm changes in tpu-inference is a named `Patch` (`patching.py`),
+installed here and applied when its module is first imported;
+`python -m jaxllm.vllm_plugin --explain` lists them. vLLM loads general plugins
+in every process it starts (API server, engine core, workers), so `register()`
+runs many times; every step of it is idempotent.
 """
 
 from __future__ import annotations
 
-_registered = False
-
 
 def register() -> None:
-    global _registered
-    if _registered:
-        return
-    _registered = True
-
+    from jaxllm import platform
     from jaxllm.vllm_plugin import host, kv_cache, models, runner_fixes
 
-    on_tpu = host.tpu_present()
-    if not on_tpu:
-        host.adapt()  # before anything imports tpu-inference's runner or model loader
-    runner_fixes.apply(host_adaptations=not on_tpu)
-    models.register_models()
-    kv_cache.install()
+    if not platform.on_tpu():
+        host.install_all()  # before tpu-inference's sampler is imported (its jit reads compile options)
+    runner_fixes.install_all()
+    models.install_all()
+    kv_cache.install_all()

@@ -1,25 +1,14 @@
 """Make tpu-inference's runner work where JAX's backend is not a TPU (CPU, GPU).
 
-vLLM picks tpu-inference's platform whenever `libtpu` imports, which it does on
+vLLM picks tpu-inference's platform wherever `libtpu` imports, which it does on
 any host where vllm-tpu is installed. Its JAX runner then works unchanged except
-for five TPU assumptions, each replaced here from outside, without editing its files:
-
-- XLA compile options: the step and the sampler are jitted with `xla_tpu_*`
-  options that other backends reject, so they become `{}`;
-- memory accounting: `hbm_usage_bytes` needs TPU `memory_stats()`; on a host the
-  "device memory" is RAM, see `host_memory_usage`;
-- the mesh: `make_optimized_mesh` sorts devices by TPU `.coords`, so a plain
-  `Mesh` over the devices in order is built instead;
-- attention: the Pallas RPA kernels are swapped for `jaxllm.attention`'s
-  portable implementation, under tpu-inference's own `shard_map`;
-- noise: log lines about GCE metadata and TPU device names are dropped.
-
-None of this runs on a TPU host (see `tpu_present`).
+for the TPU assumptions patched below, each named with why. None of this is
+installed on a TPU (`jaxllm.platform.on_tpu`).
 """
 
 from __future__ import annotations
 
-import glob
+import functools
 import logging
 import os
 import sys
@@ -27,17 +16,12 @@ import sys
 import numpy as np
 from vllm.logger import init_logger
 
+from jaxllm.vllm_plugin.patching import Patch, install
+
 logger = init_logger("vllm.jaxllm")
 
 HOST_MEMORY_ENV = "JAXLLM_HOST_MEMORY_GB"
 
-# Modules that bind the patched names with `from ... import ...` at import time.
-_COMPILER_OPTION_USERS = (
-    "tpu_inference.layers.jax.sample.sampling",
-    "tpu_inference.models.common.model_loader",
-    "tpu_inference.runner.decode_loop",
-    "tpu_inference.models.vllm.vllm_model_wrapper",
-)
 _HARMLESS_NOISE = (
     "Unable to poll the TPU GCE Metadata",
     "Unable to poll TPU GCE Metadata",
@@ -45,59 +29,46 @@ _HARMLESS_NOISE = (
     "Error occurred while logging TPU info",
     "Error getting device name",
 )
+_SAMPLER = "tpu_inference.layers.jax.sample.sampling"
 
 
-def tpu_present() -> bool:
-    """Whether JAX will run on a TPU here, decided without initialising a JAX backend.
+def patches() -> list[Patch]:
+    from jaxllm.attention.portable import ragged_paged_attention
 
-    Initialising one in vLLM's API-server process would grab the TPU from the
-    engine process, so this reads the environment and device files instead.
-    """
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return "tpu" in platforms or "proxy" in platforms
-    if glob.glob("/dev/accel*"):
-        return True
-    try:
-        return any(entry.isdigit() for entry in os.listdir("/dev/vfio"))
-    except OSError:
-        return False
+    compiler_options = "tpu_inference.models.common.compiler_options"
+    attention = "tpu_inference.layers.common.attention_interface"
+    no_options = "the step and sampler are jitted with xla_tpu_* options, which other backends reject"
+    # sharded_ragged_paged_attention looks the kernels up at call time, inside its shard_map.
+    return [
+        Patch(compiler_options, "get_step_fn_compiler_options", no_options, lambda _: _no_compiler_options),
+        Patch(compiler_options, "get_sampling_compiler_options", no_options, lambda _: _no_compiler_options),
+        Patch("tpu_inference.utils", "hbm_usage_bytes",
+              "device memory is the host's RAM (TPU memory_stats() is missing)", lambda _: host_memory_usage),
+        Patch("tpu_inference.utils", "make_optimized_mesh",
+              "a plain mesh of the devices in order (CPU devices have no TPU .coords)", lambda _: plain_mesh),
+        Patch("tpu_inference.utils", "device_array",
+              "upload a copy: CPU device_put aliases the runner's host buffers (docs/async-scheduling.md)",
+              _copy_numpy_inputs),
+        Patch(attention, "ragged_paged_attention",
+              "jaxllm's portable attention in place of the Pallas TPU kernel", lambda _: ragged_paged_attention),
+        Patch(attention, "ragged_paged_attention_hd64",
+              "jaxllm's portable attention in place of the Pallas TPU kernel (head size 64)",
+              lambda _: ragged_paged_attention),
+    ]
 
 
-def adapt() -> None:
-    """Apply every host adaptation; call once per process, before tpu-inference's runner is imported."""
+def install_all() -> None:
+    """Install every host adaptation; before tpu-inference's sampler is imported, or its jit keeps TPU options."""
+    if _SAMPLER in sys.modules:
+        logger.warning("jaxllm: tpu-inference's sampler was imported before the plugin registered; "
+                       "its jit keeps TPU compile options and will fail on this host")
     _quiet_known_noise()
-    _drop_tpu_compiler_options()
-    _account_host_memory()
-    _build_plain_mesh()
-    _use_portable_attention()
-    logger.info("jaxllm: adapted tpu-inference to the %s host (portable attention, host memory budget)",
-                os.environ.get("JAX_PLATFORMS") or "non-TPU")
-
-
-def _set_everywhere(module_name: str, attr: str, value, importers=()) -> None:
-    """Replace `module.attr`, and the same name in already imported modules that copied it."""
-    module = sys.modules.get(module_name) or __import__(module_name, fromlist=[attr])
-    original = getattr(module, attr)
-    setattr(module, attr, value)
-    for name in importers:
-        importer = sys.modules.get(name)
-        if importer is not None and getattr(importer, attr, None) is original:
-            setattr(importer, attr, value)
+    for patch in patches():
+        install(patch)
 
 
 def _no_compiler_options():
-    return {}
-
-
-def _drop_tpu_compiler_options() -> None:
-    if "tpu_inference.layers.jax.sample.sampling" in sys.modules:
-        # Its `sample` was jitted at import time with the TPU options baked in.
-        logger.warning("jaxllm: tpu-inference's sampler was imported before the plugin registered; "
-                       "its jit keeps TPU compile options and will fail on this host")
-    module = "tpu_inference.models.common.compiler_options"
-    for attr in ("get_step_fn_compiler_options", "get_sampling_compiler_options"):
-        _set_everywhere(module, attr, _no_compiler_options, _COMPILER_OPTION_USERS)
+    return {}  # not None: decode_loop unpacks it with **
 
 
 def host_memory_usage(devices) -> list[tuple[int, int]]:
@@ -129,10 +100,6 @@ def host_memory_usage(devices) -> list[tuple[int, int]]:
     return [(in_use[d], per_device) for d in devices]
 
 
-def _account_host_memory() -> None:
-    _set_everywhere("tpu_inference.utils", "hbm_usage_bytes", host_memory_usage)
-
-
 def plain_mesh(axis_shapes, axis_names, *, devices=None):
     """`make_optimized_mesh` without TPU topology: the devices in order."""
     import jax
@@ -142,18 +109,24 @@ def plain_mesh(axis_shapes, axis_names, *, devices=None):
     return jax.sharding.Mesh(np.array(devices[:count]).reshape(axis_shapes), tuple(axis_names))
 
 
-def _build_plain_mesh() -> None:
-    _set_everywhere("tpu_inference.utils", "make_optimized_mesh", plain_mesh,
-                    ("tpu_inference.runner.tpu_runner",))
+def _copy_numpy_inputs(device_array):
+    """`device_array` that uploads a private copy of each numpy input.
 
+    On JAX's CPU backend `device_put` of 64-byte-aligned numpy memory is zero-copy
+    (`may_alias=False` too), and the runner rewrites its host buffers for step N+1
+    while step N may still wait to read them under async scheduling. A copy owned by
+    the device array alone can't be rewritten. A TPU copies into HBM anyway.
+    """
+    import jax
 
-def _use_portable_attention() -> None:
-    from jaxllm.attention.portable import ragged_paged_attention
+    def own_copy(x):
+        return np.array(x, copy=True) if isinstance(x, np.ndarray) else x
 
-    # sharded_ragged_paged_attention looks these names up at call time, inside its shard_map.
-    module = "tpu_inference.layers.common.attention_interface"
-    _set_everywhere(module, "ragged_paged_attention", ragged_paged_attention)
-    _set_everywhere(module, "ragged_paged_attention_hd64", ragged_paged_attention)
+    @functools.wraps(device_array)
+    def with_copies(mesh, *args, sharding=None, **kwargs):
+        return device_array(mesh, *jax.tree_util.tree_map(own_copy, args), sharding=sharding, **kwargs)
+
+    return with_copies
 
 
 class _DropHarmlessNoise(logging.Filter):

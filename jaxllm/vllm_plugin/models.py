@@ -1,34 +1,24 @@
-"""Registration of jaxllm's models with tpu-inference (and, through it, vLLM).
+"""Which model serves a checkpoint: jaxllm's for Llama 4 and Gemma 4, tpu-inference's for the rest.
 
 Our classes are registered under their own names (`JaxLlama4ForCausalLM`, ...),
 which `--hf-overrides '{"architectures": ["JaxLlama4ForCausalLM"]}'` selects.
 Plain checkpoints name tpu-inference's architectures (`Llama4ForCausalLM`, ...),
 whose registry entries tpu-inference rewrites on every lookup; so the lookup
-itself is wrapped to answer with ours, unless `JAXLLM_USE_BUILTIN_MODELS=1`.
+itself answers with ours, unless `JAXLLM_USE_BUILTIN_MODELS=1`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from vllm.logger import init_logger
 
+from jaxllm.vllm_plugin.patching import Patch, install
+
 logger = init_logger("vllm.jaxllm")
 
 USE_BUILTIN_ENV = "JAXLLM_USE_BUILTIN_MODELS"
-
-
-def our_models() -> dict[str, type]:
-    from jaxllm.model.gemma4 import JaxGemma4ForCausalLM, JaxGemma4ForConditionalGeneration
-    from jaxllm.model.llama4 import JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration
-
-    return {
-        "JaxLlama4ForCausalLM": JaxLlama4ForCausalLM,
-        "JaxLlama4ForConditionalGeneration": JaxLlama4ForConditionalGeneration,
-        "JaxGemma4ForCausalLM": JaxGemma4ForCausalLM,
-        "JaxGemma4ForConditionalGeneration": JaxGemma4ForConditionalGeneration,
-    }
-
 
 # Plain checkpoint architecture -> our class name.
 DEFAULT_FOR = {
@@ -37,6 +27,14 @@ DEFAULT_FOR = {
     "Gemma4ForCausalLM": "JaxGemma4ForCausalLM",
     "Gemma4ForConditionalGeneration": "JaxGemma4ForConditionalGeneration",
 }
+
+
+def our_models() -> dict[str, type]:
+    from jaxllm.model.gemma4 import JaxGemma4ForCausalLM, JaxGemma4ForConditionalGeneration
+    from jaxllm.model.llama4 import JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration
+
+    return {cls.__name__: cls for cls in (JaxLlama4ForCausalLM, JaxLlama4ForConditionalGeneration,
+                                          JaxGemma4ForCausalLM, JaxGemma4ForConditionalGeneration)}
 
 
 def use_builtin_models() -> bool:
@@ -54,17 +52,21 @@ def our_class(hf_config) -> type | None:
     return None
 
 
-def register_models() -> None:
+def install_all() -> None:
+    """Register our class names with tpu-inference (and vLLM), and answer plain architectures with ours."""
     from tpu_inference.models.common import model_loader
+    from vllm.model_executor.models.registry import ModelRegistry
 
-    models = our_models()
-    for name, cls in models.items():
-        model_loader.register_model(name, cls)
+    for name, cls in our_models().items():
+        if name not in ModelRegistry.get_supported_archs():
+            model_loader.register_model(name, cls)
+    install(Patch("tpu_inference.models.common.model_loader", "_get_model_architecture",
+                  "answer Llama 4 / Gemma 4 architectures with jaxllm's classes (JAXLLM_USE_BUILTIN_MODELS=1: not)",
+                  _preferring_ours))
 
-    builtin_lookup = model_loader._get_model_architecture
-    if getattr(builtin_lookup, "jaxllm_lookup", False):
-        return
 
+def _preferring_ours(builtin_lookup):
+    @functools.wraps(builtin_lookup)
     def lookup(config):
         ours = our_class(config)
         if ours is not None:
@@ -73,6 +75,4 @@ def register_models() -> None:
         cls = builtin_lookup(config)
         logger.info("jaxllm: %s is served by tpu-inference's %s", config.architectures, cls.__name__)
         return cls
-
-    lookup.jaxllm_lookup = True
-    model_loader._get_model_architecture = lookup
+    return lookup
