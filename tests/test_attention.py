@@ -28,9 +28,10 @@ from tpu_inference.kernels.ragged_paged_attention.v3 import kernel as tpu_rpa
 from tpu_inference.kernels.ragged_paged_attention.v3 import kernel_hd64 as tpu_rpa_hd64
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 
+from jaxllm import platform
 from jaxllm.attention import dispatch
 from jaxllm.attention.chunked import virtual_batches
-from jaxllm.attention.portable import CacheLayout, ragged_paged_attention
+from jaxllm.attention.portable import CacheLayout, Tiling, ragged_paged_attention
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(jnp.bfloat16)
@@ -48,7 +49,8 @@ BF16_TOL = dict(rtol=1e-2, atol=2e-3)
 # needs a few bf16 ulps more.
 TPU_REF_BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
-STATIC_ARGS = ("sm_scale", "sliding_window", "chunk_size", "soft_cap", "update_kv_cache", "use_causal_mask")
+STATIC_ARGS = ("sm_scale", "sliding_window", "chunk_size", "soft_cap", "update_kv_cache", "use_causal_mask",
+               "tiling")
 RPA = jax.jit(ragged_paged_attention, static_argnames=STATIC_ARGS)
 
 
@@ -471,13 +473,13 @@ def test_tpu_dispatch_runs_chunked_layers_as_virtual_batches(monkeypatch):
     kv_lens, page_indices, cu_q_lens, distribution = case.metadata()
     md = AttentionMetadata(input_positions=jnp.zeros(case.q.shape[0], jnp.int32), block_tables=page_indices,
                            seq_lens=kv_lens, query_start_loc=cu_q_lens, request_distribution=distribution)
-    monkeypatch.setattr(dispatch, "on_tpu", lambda: True)
+    monkeypatch.setattr(platform, "on_tpu", lambda: True)
 
     @jax.jit
     def layer(q, k, v, cache, md):
         return dispatch.attention(q, k, v, cache, md, mesh, sm_scale=case.head_dim ** -0.5, chunk_size=64)
 
-    new_cache, out = layer(jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(case.cache), md)
+    out, new_cache = layer(jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(case.cache), md)
     n = case.num_real_tokens
     np.testing.assert_allclose(np.asarray(out)[:n], expected_out[:n], rtol=1e-6, atol=1e-6)
     assert_bitwise_equal(new_cache, expected_cache)
@@ -583,15 +585,21 @@ def test_pages_outside_live_requests_are_never_read(table_tail):
 
 
 def test_a_decode_row_alone_and_in_a_full_tile_agree():
-    """Few decode rows go one at a time, more in tiles of 8 (FEW_DECODE_ROWS). A row alone and
-    among 8 others agree to float rounding: the last bits may differ, as they do between
-    batched matmuls of different sizes elsewhere in the model."""
+    """Few decode rows go one at a time, more in tiles of 8 (`Tiling.few_decode_rows`). A row alone
+    and among 8 others, and a whole batch in tiles of one or of 8, agree to float rounding: the last
+    bits may differ, as they do between batched matmuls of different sizes elsewhere in the model."""
     case = make_case(4, [300, 17, 600, 256, 33, 129, 64, 511, 90], [], [], **FAMILIES[16])
     q, k, v, cache, kv_lens, page_indices, cu_q_lens, distribution = case.args()
     out_batch, _ = RPA(q, k, v, cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale=0.1)
     alone = jnp.asarray([1, 1, 1], jnp.int32)
     out_alone, _ = RPA(q, k, v, cache, kv_lens, page_indices, jnp.minimum(cu_q_lens, 1), alone, sm_scale=0.1)
     np.testing.assert_allclose(np.asarray(out_alone)[0], np.asarray(out_batch)[0], rtol=1e-6, atol=1e-7)
+    one_at_a_time, _ = RPA(q, k, v, cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale=0.1,
+                           tiling=Tiling(few_decode_rows=100))
+    n = case.num_real_tokens
+    np.testing.assert_allclose(np.asarray(one_at_a_time)[:n], np.asarray(out_batch)[:n], rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="num_kv_pages_per_block"):  # no knob is silently accepted
+        RPA(q, k, v, cache, kv_lens, page_indices, cu_q_lens, distribution, num_kv_pages_per_block=4)
 
 
 def test_results_do_not_depend_on_page_table_or_cache_capacity():
@@ -682,7 +690,7 @@ def test_sharded_dispatch_matches_single_device(heads, dtype, kv_repeat):
     def sharded(q, k, v, cache, md):
         return dispatch.attention(q, k, v, cache, md, mesh, sm_scale=sm_scale)
 
-    new_cache, out = sharded(jnp.asarray(case.q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(case.cache), md)
+    out, new_cache = sharded(jnp.asarray(case.q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(case.cache), md)
     assert len(out.sharding.device_set) == 4
     n = case.num_real_tokens
     np.testing.assert_allclose(np.asarray(out)[:n].astype(np.float32), expected_out[:n].astype(np.float32),
@@ -714,7 +722,7 @@ def test_dispatch_views_a_cache_stored_in_another_layers_layout():
     with jax.set_mesh(mesh):
         compiled = step.lower(stored, case.q, case.k, case.v, md).compile()
         pointer = stored.unsafe_buffer_pointer()
-        new_cache, out = compiled(stored, jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v), md)
+        out, new_cache = compiled(stored, jnp.asarray(case.q), jnp.asarray(case.k), jnp.asarray(case.v), md)
     assert new_cache.shape == stored_shape and new_cache.unsafe_buffer_pointer() == pointer
     buffer_hlo_shape = "f32[" + ",".join(map(str, stored_shape)) + "]"
     view_hlo_shape = "f32[" + ",".join(map(str, case.cache.shape)) + "]"

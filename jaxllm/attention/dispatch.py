@@ -19,13 +19,9 @@ from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from tpu_inference.layers.common.sharding import ShardingAxisName
 from tpu_inference.utils import get_mesh_shape_product
 
+from jaxllm import platform
 from jaxllm.attention.chunked import virtual_batches
 from jaxllm.attention.portable import CacheLayout, dtype_packing, ragged_paged_attention
-
-
-@functools.cache
-def on_tpu() -> bool:
-    return jax.devices()[0].platform == "tpu"
 
 
 def attention(
@@ -42,9 +38,9 @@ def attention(
     soft_cap: float | None = None,
     update_kv_cache: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Ragged paged attention for one layer; returns `(new_kv_cache, out [T, N, H])`."""
+    """Ragged paged attention for one layer; returns `(out [T, N, H], new_kv_cache)`, as the kernels do."""
     md = metadata
-    if on_tpu():
+    if platform.on_tpu():
         from tpu_inference.layers.common.attention_interface import sharded_ragged_paged_attention
         requests = (md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
         if chunk_size is not None:
@@ -57,7 +53,7 @@ def attention(
             mesh, q, k, v, kv_cache, *requests, None, sm_scale, attention_chunk_size=sliding_window,
             update_kv_cache=update_kv_cache, use_causal_mask=md.use_causal_mask,
             attn_logits_soft_cap=soft_cap)
-        return kv_cache, out
+        return out, kv_cache
 
     k, v = _replicate_kv_heads(mesh, k, v)
     qkv = P(ShardingAxisName.ATTN_DATA, ShardingAxisName.ATTN_HEAD, None)
@@ -71,7 +67,7 @@ def attention(
         kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta),
         out_specs=(qkv, cache), check_vma=False,
     )(q, k, v, kv_cache, md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
-    return kv_cache, out
+    return out, kv_cache
 
 
 def _in_layer_layout(q, k, v, kv_cache, *metadata, **options):

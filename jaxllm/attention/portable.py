@@ -16,9 +16,10 @@ buffer and copies nothing.
 
 Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
 metadata, so work follows the tokens actually attended, not `max_model_len`:
-- decode rows go `DECODE_TILE` at a time, each row gathering its own pages, over
-  the KV blocks that the rows in the tile need; fewer than `FEW_DECODE_ROWS` rows go
-  one at a time, since a tile gathers and computes all its rows, live or not;
+- decode rows go `Tiling.decode_tile` at a time, each row gathering its own pages,
+  over the KV blocks that the rows in the tile need; fewer than
+  `Tiling.few_decode_rows` rows go one at a time, since a tile gathers and computes
+  all its rows, live or not;
 - every other request goes query block by query block, over only the KV blocks
   its causal / sliding / chunked mask can reach.
 Softmax is the online (flash) form in fp32, so no `[q, kv_len]` score matrix exists.
@@ -32,13 +33,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Rows per decode tile, queries per prefill block, and KV tokens per block: big
-# enough that CPU loop overhead is small, small enough that a tile's gathered
-# pages stay in cache.
-DECODE_TILE = 8
-FEW_DECODE_ROWS = 4  # below this, tiles of one row (batch 1 decode: 5x less work than a tile of 8)
-QUERY_BLOCK = 128
-KV_BLOCK_TOKENS = 256
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How the loops cut the work: big enough that CPU loop overhead is small, small
+    enough that a tile's gathered pages stay in cache."""
+    decode_tile: int = 8        # decode rows per tile
+    few_decode_rows: int = 4    # below this many decode rows, tiles of one row (batch 1: 1/8 of the work)
+    query_block: int = 128      # query tokens per prefill block
+    kv_block_tokens: int = 256  # KV tokens per block
 
 
 def _align(x: int, a: int) -> int:
@@ -119,7 +122,13 @@ def ragged_paged_attention(
     q_scale: float | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
-    **kernel_tuning,  # the Pallas kernel's block-size knobs; meaningless here
+    tiling: Tiling = Tiling(),
+    # The Pallas kernels' block sizes, which tpu-inference's sharded call forwards from
+    # RPA_V3_*_BLOCK_SIZES (and the batched kernel's decode_query_size): `tiling` is ours.
+    d_block_sizes=None,
+    p_block_sizes=None,
+    m_block_sizes=None,
+    decode_query_size: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of `queries` over each request's paged KV; returns `(out [T, N, H], new_kv_cache)`.
 
@@ -148,18 +157,18 @@ def ragged_paged_attention(
         raise ValueError(f"keys/values dtype {keys.dtype}/{values.dtype} != kv_cache dtype {kv_cache.dtype}")
 
     batch = _Batch.build(kv_lens, page_indices, cu_q_lens, distribution, num_tokens)
-    pages_per_block = max(1, KV_BLOCK_TOKENS // page_size)
+    pages_per_block = max(1, tiling.kv_block_tokens // page_size)
     masks = _Masks(use_causal_mask, sliding_window, chunk_size)
     attend = _Attend(layout, batch, keys.astype(jnp.float32), values.astype(jnp.float32), page_size,
-                     pages_per_block, masks, sm_scale, soft_cap, attention_sink, num_heads)
+                     pages_per_block, tiling.query_block, masks, sm_scale, soft_cap, attention_sink, num_heads)
 
-    pad = max(DECODE_TILE, QUERY_BLOCK)
+    pad = max(tiling.decode_tile, tiling.query_block)
     q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = jnp.zeros(q.shape, queries.dtype)
-    out = lax.cond(batch.decode_tokens < FEW_DECODE_ROWS,
+    out = lax.cond(batch.decode_tokens < tiling.few_decode_rows,
                    lambda out: attend.decode_rows(q, out, kv_cache, tile=1),
-                   lambda out: attend.decode_rows(q, out, kv_cache, tile=DECODE_TILE), out)
+                   lambda out: attend.decode_rows(q, out, kv_cache, tile=tiling.decode_tile), out)
     out = attend.query_blocks(q, out, kv_cache)
     out = out[:num_tokens].reshape(num_tokens, num_heads, head_dim)
     if update_kv_cache:
@@ -254,6 +263,7 @@ class _Attend:
     new_values: jax.Array
     page_size: int
     pages_per_block: int
+    query_block: int
     masks: _Masks
     sm_scale: float
     soft_cap: float | None
@@ -355,8 +365,8 @@ class _Attend:
         return lax.fori_loop(0, _cdiv(num_rows, tile), body, out)
 
     def query_blocks(self, q, out, kv_cache):
-        """Prefill and mixed requests, QUERY_BLOCK query tokens at a time."""
-        batch, bq = self.batch, QUERY_BLOCK
+        """Prefill and mixed requests, `query_block` query tokens at a time."""
+        batch, bq = self.batch, self.query_block
 
         def request_body(r, out):
             q_start, q_len, kv_len = batch.q_starts[r], batch.q_lens[r], batch.kv_lens[r]
