@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from vllm.config import ModelConfig, VllmConfig
 
-from jaxllm.attention import CacheLayout
+from jaxllm.model.driver import allocate_caches, attention_metadata, jitted_step
 
 PAGE_SIZE = 16
 
@@ -51,55 +50,32 @@ class Stepper:
     def __init__(self, model, mesh, max_reqs: int, max_model_len: int):
         self.model, self.mesh = model, mesh
         self.max_reqs = max_reqs
-        self.pages_per_req = -(-max_model_len // PAGE_SIZE)
-        num_pages = max_reqs * self.pages_per_req
-        packing = 4 // jnp.dtype(model.dtype).itemsize
-        specs = model.config.kv_layers()
-        owners = [i for i, s in enumerate(specs) if s.kv_donor is None]
-        slot_of = {layer: n for n, layer in enumerate(owners)}
-        slot_of.update({i: slot_of[s.kv_donor] for i, s in enumerate(specs) if s.kv_donor is not None})
-        self.layer_slots = tuple((f"layer.{i}", slot_of[i]) for i in range(len(specs)))
-        self.cache_shapes = [CacheLayout(specs[i].num_kv_heads, specs[i].head_dim, packing).cache_shape(
-            num_pages, PAGE_SIZE) for i in owners]
-        self.caches = [jnp.zeros(shape, model.dtype) for shape in self.cache_shapes]
-        self.block_tables = np.arange(num_pages, dtype=np.int32)
-        self.graphdef, self.state = nnx.split(model)
-        self._steps = {}
-
-    def step_fn(self, all_logits: bool):
-        """jit(state, caches, ids, metadata, logits_rows) -> (caches, logits), caches donated."""
-        if all_logits not in self._steps:
-            graphdef, slots = self.graphdef, self.layer_slots
-
-            def step(state, caches, ids, metadata, logits_rows):
-                m = nnx.merge(graphdef, state)
-                caches, hidden, _, _ = m(caches, ids, metadata, None, None, slots)
-                return caches, m.compute_logits(hidden if all_logits else hidden[logits_rows])
-
-            self._steps[all_logits] = jax.jit(step, donate_argnums=1)
-        return self._steps[all_logits]
+        pages_per_req = -(-max_model_len // PAGE_SIZE)
+        layers = model.config.kv_layers()
+        rows = [(layer.num_kv_heads, layer.head_dim) for layer in layers]
+        kv_share = {i: layer.kv_donor for i, layer in enumerate(layers) if layer.kv_donor is not None}
+        self.caches, self.layer_slots = allocate_caches(rows, kv_share, model.dtype,
+                                                        num_pages=max_reqs * pages_per_req, page_size=PAGE_SIZE)
+        self.cache_shapes = [cache.shape for cache in self.caches]
+        self.page_tables = np.arange(max_reqs * pages_per_req, dtype=np.int32).reshape(max_reqs, pages_per_req)
+        self.state = nnx.state(model)
+        self.step = jitted_step(model, self.layer_slots, donate_caches=True)
 
     def inputs(self, q_lens: list[int], context: int):
         """Ids, metadata and last-token rows for requests of `q_lens` new tokens ending at `context` tokens."""
         total = sum(q_lens)
-        positions = np.concatenate([np.arange(context - n, context) for n in q_lens]).astype(np.int32)
-        cu = np.full(self.max_reqs + 1, total, np.int32)
-        cu[:len(q_lens) + 1] = np.concatenate([[0], np.cumsum(q_lens)])
-        kv_lens = np.zeros(self.max_reqs, np.int32)
-        kv_lens[:len(q_lens)] = context
-        decodes = sum(1 for n in q_lens if n == 1)
-        metadata = AttentionMetadata(
-            input_positions=jnp.asarray(positions), block_tables=jnp.asarray(self.block_tables),
-            seq_lens=jnp.asarray(kv_lens), query_start_loc=jnp.asarray(cu),
-            request_distribution=jnp.asarray([decodes, decodes, len(q_lens)], jnp.int32))
+        metadata = attention_metadata(q_lens, [context] * len(q_lens), self.page_tables[:len(q_lens)],
+                                      max_reqs=self.max_reqs, num_tokens=total)
         ids = jnp.asarray(np.random.default_rng(0).integers(10, 1000, total).astype(np.int32))
-        return ids, metadata, jnp.asarray(cu[1:len(q_lens) + 1] - 1)
+        return ids, metadata, jnp.asarray(np.cumsum(q_lens) - 1)
 
     def compiled(self, all_logits: bool, q_lens: list[int], context: int):
+        ids, metadata, rows = self.inputs(q_lens, context)
         with jax.set_mesh(self.mesh):
-            return self.step_fn(all_logits).lower(self.state, self.caches, *self.inputs(q_lens, context)).compile()
+            return self.step.lower(self.state, self.caches, ids, metadata, None if all_logits else rows).compile()
 
     def run(self, all_logits: bool, inputs):
+        ids, metadata, rows = inputs
         with jax.set_mesh(self.mesh):
-            self.caches, logits = self.step_fn(all_logits)(self.state, self.caches, *inputs)
+            self.caches, logits = self.step(self.state, self.caches, ids, metadata, None if all_logits else rows)
         return jax.block_until_ready(logits)

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
-from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 from vllm.config import ModelConfig, VllmConfig
 
-from jaxllm.attention import CacheLayout
+from jaxllm.model.driver import allocate_caches, attention_metadata, jitted_step
 
 PAGE_SIZE = 8
 
@@ -44,13 +43,14 @@ def load_model(cls, path, *, mesh=None, dtype="float32", max_model_len=256):
     return model, mesh
 
 
-def broken_copy(checkpoint, tmp_path, edit):
-    """A copy of `checkpoint` whose tensors `edit(dict)` has changed (removed, reshaped, added)."""
+def broken_copy(checkpoint, tmp_path, edit, name="broken"):
+    """A copy of `checkpoint` whose tensors `edit(dict)` has changed in place (removed, reshaped, added)."""
     from safetensors.torch import load_file, save_file
 
-    out = tmp_path / "broken"
-    shutil.copytree(checkpoint, out)
-    tensors = load_file(out / "model.safetensors")
+    out = tmp_path / name
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    # Read from the source: the tensors may map the file, which must not be rewritten under them.
+    tensors = load_file(checkpoint / "model.safetensors")
     edit(tensors)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
@@ -63,19 +63,6 @@ def hf_logits(path, ids, auto_class=None) -> np.ndarray:
     model = (auto_class or AutoModelForCausalLM).from_pretrained(str(path), dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
-
-
-def _jitted_step(model, layer_slots):
-    """The runner's step as one jitted function (as tpu-inference jits it), logits for every token."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, caches, ids, metadata):
-        m = nnx.merge(graphdef, state)
-        caches, hidden, _, _ = m(caches, ids, metadata, None, None, layer_slots)
-        return caches, m.compute_logits(hidden)
-
-    return lambda caches, ids, metadata: step(state, caches, ids, metadata)
 
 
 @dataclasses.dataclass
@@ -97,25 +84,17 @@ class Engine:
         self.model, self.mesh = model, mesh
         self.rng = np.random.default_rng(seed)
         c = model.config
-        specs = cache_specs or [(c.num_kv_heads, c.head_dim)] * c.num_layers
+        rows = cache_specs or [(c.num_kv_heads, c.head_dim)] * c.num_layers
         self.kv_share = dict(kv_share or {})
-        owners = [i for i in range(len(specs)) if i not in self.kv_share]
-        dtype = model.dtype
-        packing = 4 // jnp.dtype(dtype).itemsize
         # Each layer gets its own slot, shuffled so that list order != layer order.
-        slots = self.rng.permutation(len(owners))
-        slot_of = {layer: int(slots[n]) for n, layer in enumerate(owners)}
-        slot_of.update({shared: slot_of[donor] for shared, donor in self.kv_share.items()})
-        self.layer_slots = tuple((f"layer.{i}", slot_of[i]) for i in range(len(specs)))
-        self.caches = [None] * len(owners)
-        for i in owners:
-            kv_heads, head_dim = specs[i]
-            shape = CacheLayout(kv_heads, head_dim, packing).cache_shape(num_pages, PAGE_SIZE)
-            self.caches[slot_of[i]] = jnp.zeros(shape, dtype)
+        slot_order = self.rng.permutation(len(rows) - len(self.kv_share))
+        self.caches, self.layer_slots = allocate_caches(rows, self.kv_share, model.dtype, num_pages=num_pages,
+                                                        page_size=PAGE_SIZE, slot_order=slot_order)
         self.free_pages = list(self.rng.permutation(num_pages))
         self.max_reqs, self.pages_per_req = max_reqs, pages_per_req
         self.requests: list[Request] = []
-        self._step = _jitted_step(model, self.layer_slots)
+        self._state = nnx.state(model)
+        self._step = jitted_step(model, self.layer_slots, donate_caches=False)
 
     def add(self, tokens) -> Request:
         request = Request(list(tokens), [int(self.free_pages.pop()) for _ in range(self.pages_per_req)])
@@ -130,33 +109,18 @@ class Engine:
         groups: a dict keyed by layer name.
         """
         num_tokens = sum(n for _, n in schedule)
-        padded = pad_to or num_tokens
-        ids = np.zeros(padded, np.int32)
-        positions = np.zeros(padded, np.int32)
-        cu = np.zeros(self.max_reqs + 1, np.int32)
-        kv_lens = np.zeros(self.max_reqs, np.int32)
-        tables = np.zeros((self.max_reqs, self.pages_per_req), np.int32)
+        ids = np.zeros(pad_to or num_tokens, np.int32)
         at = 0
-        for r, (request, n) in enumerate(schedule):
-            start = request.computed
-            ids[at:at + n] = request.tokens[start:start + n]
-            positions[at:at + n] = np.arange(start, start + n)
+        for request, n in schedule:
+            ids[at:at + n] = request.tokens[request.computed:request.computed + n]
             at += n
-            cu[r + 1] = at
-            kv_lens[r] = start + n
-            tables[r] = request.pages
-        cu[len(schedule) + 1:] = at
-        num_decode = 0
-        while num_decode < len(schedule) and schedule[num_decode][1] == 1:
-            num_decode += 1
-        metadata = AttentionMetadata(
-            input_positions=jnp.asarray(positions), block_tables=jnp.asarray(tables.reshape(-1)),
-            seq_lens=jnp.asarray(kv_lens), query_start_loc=jnp.asarray(cu),
-            request_distribution=jnp.asarray([num_decode, num_decode, len(schedule)], jnp.int32))
+        metadata = attention_metadata([n for _, n in schedule], [r.computed + n for r, n in schedule],
+                                      np.array([r.pages for r, _ in schedule]), max_reqs=self.max_reqs,
+                                      num_tokens=len(ids))
         if grouped:
             metadata = {f"layer.{i}": metadata for i in range(len(self.layer_slots)) if i not in self.kv_share}
         with jax.set_mesh(self.mesh):
-            self.caches, logits = self._step(self.caches, jnp.asarray(ids), metadata)
+            self.caches, logits = self._step(self._state, self.caches, jnp.asarray(ids), metadata)
         logits = np.asarray(logits)
         out, at = [], 0
         for request, n in schedule:

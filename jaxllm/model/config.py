@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxllm.model.rope import rope_frequencies
+import numpy as np
 
 
 class UnsupportedConfigError(ValueError):
@@ -34,6 +34,44 @@ class KVLayer:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise UnsupportedConfigError(message)
+
+
+def _refuse_quantized(hf_config) -> None:
+    """Quantized checkpoints (a `quantization_config`) would load as garbage or fail on their scales: refuse them."""
+    for config in (hf_config, text_config(hf_config)):
+        quantization = getattr(config, "quantization_config", None)
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+                getattr(quantization, "quant_method", quantization)
+            raise UnsupportedConfigError(
+                f"quantization_config quant_method={method!r}: jaxllm's models load unquantized (bf16 / fp32) "
+                "checkpoints only; serve the bf16 release, or quantize at load time with Qwix rules in "
+                "--additional_config")
+
+
+# Types whose frequencies don't depend on the sequence length. "dynamic" and
+# "longrope" rescale with the current length, which one static table can't express.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def rope_frequencies(hf_text_config, layer_type: str | None = None) -> tuple[tuple[float, ...], float]:
+    """(inverse frequencies, cos/sin scaling) of the config's RoPE, as plain Python constants."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = hf_text_config.rope_parameters
+    if layer_type is not None:
+        params = params[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedConfigError(f"rope_parameters rope_type={rope_type!r} is not supported "
+                                     f"(supported: {', '.join(STATIC_ROPE_TYPES)})")
+    if rope_type == "default":
+        head_dim = hf_text_config.head_dim
+        inv_freq = 1.0 / (params["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        return tuple(float(f) for f in inv_freq.astype(np.float32)), 1.0
+    kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_text_config, **kwargs)
+    return tuple(float(f) for f in inv_freq.float().numpy()), float(scaling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +106,7 @@ class Llama4Config:
 
     @classmethod
     def from_hf(cls, hf_config) -> "Llama4Config":
+        _refuse_quantized(hf_config)
         c = text_config(hf_config)
         _require(c.hidden_act == "silu", f"Llama 4 hidden_act={c.hidden_act!r}: only 'silu' is supported")
         _require(not c.attention_bias, "Llama 4 attention_bias=True is not supported")
@@ -157,6 +196,7 @@ class Gemma4Config:
     def from_hf(cls, hf_config) -> "Gemma4Config":
         from jaxllm.model.mlp import ACTIVATIONS
 
+        _refuse_quantized(hf_config)
         c = text_config(hf_config)
         _require(not c.attention_bias, "Gemma 4 attention_bias=True is not supported")
         _require(c.use_bidirectional_attention in (None, "vision"),

@@ -1,42 +1,10 @@
-"""Rotary position embeddings.
-
-Frequencies come from transformers' own RoPE initialisers (llama3 scaling,
-Gemma 4's proportional RoPE, ...), computed once from the HF config, so every
-`rope_type` means exactly what it means there.
-"""
+"""Rotary position embeddings, applied with the frequencies the config computed
+(`jaxllm.model.config.rope_frequencies`, from transformers' own initialisers)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-
-# Types whose frequencies don't depend on the sequence length. "dynamic" and
-# "longrope" rescale with the current length, which one static table can't express.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
-
-
-def rope_frequencies(hf_text_config, layer_type: str | None = None) -> tuple[tuple[float, ...], float]:
-    """(inverse frequencies, cos/sin scaling) of the config's RoPE, as plain Python constants."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    from jaxllm.model.config import UnsupportedConfigError
-
-    params = hf_text_config.rope_parameters
-    if layer_type is not None:
-        params = params[layer_type]
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise UnsupportedConfigError(f"rope_parameters rope_type={rope_type!r} is not supported "
-                                     f"(supported: {', '.join(STATIC_ROPE_TYPES)})")
-    if rope_type == "default":
-        head_dim = hf_text_config.head_dim
-        inv_freq = 1.0 / (params["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-        return tuple(float(f) for f in inv_freq.astype(np.float32)), 1.0
-    kwargs = {"layer_type": layer_type} if layer_type is not None else {}
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_text_config, **kwargs)
-    return tuple(float(f) for f in inv_freq.float().numpy()), float(scaling)
 
 
 def _angles(positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
