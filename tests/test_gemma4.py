@@ -186,9 +186,9 @@ def test_kv_shared_layers_read_the_donor_cache_and_write_nothing(monkeypatch):
     real_attention = gemma4.attention
 
     def spy(q, k, v, kv_cache, *args, **kw):
-        new_cache, out = real_attention(q, k, v, kv_cache, *args, **kw)
+        out, new_cache = real_attention(q, k, v, kv_cache, *args, **kw)
         calls.append(dict(cache_in=kv_cache, cache_out=new_cache, k=k, v=v, update=kw["update_kv_cache"]))
-        return new_cache, out
+        return out, new_cache
 
     monkeypatch.setattr(gemma4, "attention", spy)
     with jax.set_mesh(mesh):
@@ -303,6 +303,7 @@ def test_unexpected_tensor_is_named(dense, tmp_path):
     ("attention_bias", True),
     ("use_bidirectional_attention", "all"),
     ("num_kv_shared_layers", 1),  # the last (full) layer would have no earlier full layer to share
+    ("quantization_config", {"quant_method": "fp8", "activation_scheme": "dynamic"}),
 ])
 def test_unsupported_config_is_refused_by_name(dense, field, value):
     from transformers import AutoConfig

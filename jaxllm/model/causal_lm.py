@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,7 +21,14 @@ from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from tpu_inference.utils import get_mesh_shape_product, to_jax_dtype
 
 from jaxllm.model.params import param
-from jaxllm.model.weights import Rule, load_checkpoint, resolve_model_dir, transpose
+from jaxllm.model.weights import Rule, checkpoint_tensors, load_checkpoint, transpose
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ByIdentity:
+    """A value kept as static module state but compared and hashed by identity: nnx compares static
+    state between graphs, and vLLM's config holds transformers' per-layer configs, whose `==` raises."""
+    value: object
 
 
 class CausalLM(nnx.Module):
@@ -31,9 +40,7 @@ class CausalLM(nnx.Module):
         model_config = vllm_config.model_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
-        # Only plain values as static module state: nnx compares it between graphs, and
-        # transformers' per-layer (heterogeneous) configs such as Gemma 4's raise on `==`.
-        self.model_source = (model_config.model, model_config.revision)
+        self._vllm_config = _ByIdentity(vllm_config)
         self.mesh = mesh
         self.config = config = self.config_class.from_hf(model_config.hf_config)
         self.dtype = dtype = to_jax_dtype(model_config.dtype)
@@ -42,6 +49,11 @@ class CausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), dtype, (None, Axis.MLP_TENSOR))
         self.build(config, dtype, mesh, rngs, model_config.max_model_len)
+
+    @property
+    def vllm_config(self):
+        """vLLM's engine config, as tpu-inference's models keep it (its loaders and Qwix read it)."""
+        return self._vllm_config.value
 
     def build(self, config, dtype, mesh: Mesh, rngs: nnx.Rngs, max_model_len: int) -> None:
         """Create the layers and the final norm."""
@@ -86,8 +98,9 @@ class CausalLM(nnx.Module):
         return jnp.einsum("TD,DV->TV", hidden_states, self.lm_head[...])
 
     def load_weights(self, rng_key: jax.Array) -> None:
-        model_dir = resolve_model_dir(*self.model_source)
-        load_checkpoint(self, model_dir, self.checkpoint_rules(), mesh=self.mesh, dtype=self.dtype,
+        """Stream the checkpoint in through vLLM's loader (`--load-format`, `--download-dir`, `--revision`)."""
+        load_checkpoint(self, checkpoint_tensors(self.vllm_config, self), self.checkpoint_rules(), mesh=self.mesh,
+                        dtype=self.dtype, checkpoint=self.vllm_config.model_config.model,
                         strip_prefixes=self.checkpoint_prefixes, skip_prefixes=self.skipped_prefixes)
 
     def modules(self):

@@ -73,7 +73,7 @@ class Gemma4Attention(nnx.Module):
             # the portable attention (which attends to the new K/V it is given) exact, while
             # the TPU kernel reads them from the cache when it may not write.
             k, v = donor_kv
-        kv_cache, out = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=1.0,
+        out, kv_cache = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=1.0,
                                   sliding_window=self.sliding_window, update_kv_cache=layer.kv_donor is None)
         return kv_cache, (k, v), jnp.einsum("TNH,NHD->TD", out, self.o_proj[...])
 
@@ -186,6 +186,9 @@ class JaxGemma4ForCausalLM(CausalLM):
                  lambda w: split_last(2)(w.transpose(0, 2, 1))),
             Rule(layer + r"experts\.down_proj", ("layers.{0}.moe.experts.down_proj",),
                  lambda w: (w.transpose(0, 2, 1),)),
+            # Per-expert checkpoints (as vLLM's loader also accepts): one torch Linear per expert.
+            Rule(layer + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", ("layers.{0}.moe.experts.{2}",),
+                 transpose, row="{1}"),
             Rule(layer + r"(per_layer_input_gate|per_layer_projection)\.weight", ("layers.{0}.{1}",), transpose),
             Rule(r"embed_tokens_per_layer\.weight", ("embed_per_layer",)),
             Rule(r"per_layer_model_projection\.weight", ("per_layer_model_projection",), transpose),

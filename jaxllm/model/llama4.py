@@ -54,7 +54,7 @@ class Llama4Attention(nnx.Module):
         elif c.attn_temperature_tuning:
             scale = jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / c.floor_scale)) * c.attn_scale + 1.0
             q = (q * scale[:, None, None].astype(q.dtype)).astype(q.dtype)
-        kv_cache, out = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=c.head_dim ** -0.5,
+        out, kv_cache = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=c.head_dim ** -0.5,
                                   chunk_size=self.chunk_size)
         return kv_cache, jnp.einsum("TNH,NHD->TD", out, self.o_proj[...])
 
@@ -108,6 +108,9 @@ class JaxLlama4ForCausalLM(CausalLM):
             Rule(ffn + r"experts\.gate_up_proj", ("layers.{0}.feed_forward.experts.gate_proj",
                                                   "layers.{0}.feed_forward.experts.up_proj"), split_last(2)),
             Rule(ffn + r"experts\.down_proj", ("layers.{0}.feed_forward.experts.down_proj",)),
+            # Per-expert checkpoints (Llama 4 Maverick's FP8 release): one torch Linear per expert.
+            Rule(ffn + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
+                 ("layers.{0}.feed_forward.experts.{2}",), transpose, row="{1}"),
             Rule(ffn + r"shared_expert\.(gate_proj|up_proj|down_proj)\.weight",
                  ("layers.{0}.feed_forward.shared_expert.{1}",), transpose),
         ]

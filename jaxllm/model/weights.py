@@ -1,4 +1,10 @@
-"""Stream Hugging Face safetensors into a model's parameters, sharded as they load.
+"""Stream a Hugging Face checkpoint into a model's parameters, sharded as they load.
+
+The tensors come from vLLM's own model loader (`checkpoint_tensors`), so
+`--load-format`, `--download-dir`, `--revision`, sharded checkpoints with their
+index and hub downloads (with vLLM's progress bar) behave as for any vLLM model;
+with `--load-format runai_streamer` they come from the iterator tpu-inference
+hands the model.
 
 A model describes its checkpoint with `Rule`s: a regular expression over tensor
 names, the parameter(s) it fills (`{0}`, `{1}` … are the expression's groups),
@@ -6,19 +12,19 @@ and a transform from the torch layout to ours. Each tensor is read, transformed,
 checked against its parameter's shape and put on the mesh with the parameter's
 sharding before the next one is read, so host memory holds one tensor at a time.
 
-Anything that doesn't fit is an error naming the tensor and its file: a tensor
-no rule claims (unless it belongs to a part we skip, such as a vision tower), a
-shape mismatch, or a parameter that no tensor filled.
+Anything that doesn't fit is an error naming the tensor (and, for a local
+checkpoint, its file): a tensor no rule claims (unless it belongs to a part we
+skip, such as a vision tower), a shape mismatch, or a parameter no tensor filled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import functools
 import json
 import os
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -39,6 +45,8 @@ class Rule:
     pattern: str                         # full match against the tensor name, after prefix stripping
     targets: tuple[str, ...]             # parameter paths, formatted with the match groups
     transform: Callable[[np.ndarray], tuple[np.ndarray, ...]] = lambda w: (w,)
+    row: str | None = None               # the tensor is this row (axis 0) of its targets, e.g. "{1}" for
+                                         # one expert's weights in a stacked [E, ...] parameter
 
 
 def parameters(model: nnx.Module) -> dict[str, nnx.Param]:
@@ -47,82 +55,123 @@ def parameters(model: nnx.Module) -> dict[str, nnx.Param]:
             for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
-def checkpoint_files(model_dir: str) -> list[str]:
+def checkpoint_tensors(vllm_config, model=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of every tensor of the checkpoint `vllm_config` names, as vLLM's loader reads them."""
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    model_config = vllm_config.model_config
+    tensors = getattr(model_config, "runai_model_weights_iterator", None)  # set by tpu-inference's loader
+    if tensors is None:
+        loader = get_model_loader(vllm_config.load_config)
+        if not isinstance(loader, DefaultModelLoader):
+            raise CheckpointError(f"--load-format {vllm_config.load_config.load_format!r} is not supported by "
+                                  "jaxllm's models (supported: auto, safetensors, pt, dummy, runai_streamer)")
+        tensors = loader.get_all_weights(model_config, model)
+    for name, tensor in tensors:
+        yield name, to_numpy(tensor)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A torch tensor as numpy without a copy; bf16 and fp8 become their ml_dtypes types."""
+    import ml_dtypes
+    import torch
+
+    views = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+             torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+             torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
+    if not isinstance(tensor, torch.Tensor):
+        return np.asarray(tensor)
+    tensor = tensor.detach().cpu()
+    if tensor.dtype in views:
+        as_int, as_numpy = views[tensor.dtype]
+        return tensor.view(as_int).numpy().view(as_numpy)
+    return tensor.numpy()
+
+
+def tensor_files(model_dir: str) -> dict[str, str]:
+    """Tensor name -> file, for naming files in errors; {} unless `model_dir` is a local checkpoint folder."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, n) for n in names]
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {model_dir}")
-    return files
+            return {name: os.path.join(model_dir, file) for name, file in json.load(f)["weight_map"].items()}
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="np") as f:
+            return dict.fromkeys(f.keys(), single)
+    return {}
 
 
-def read_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) pairs of one safetensors file; bf16 comes back as ml_dtypes.bfloat16 without a copy."""
-    import ml_dtypes
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        for name in f.keys():
-            tensor = f.get_tensor(name)
-            if tensor.dtype == torch.bfloat16:
-                yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            else:
-                yield name, tensor.numpy()
-
-
-def resolve_model_dir(model: str, revision: str | None = None) -> str:
-    if os.path.isdir(model):
-        return model
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(model, revision=revision, allow_patterns=["*.safetensors", "*.json"])
-
-
-def load_checkpoint(model: nnx.Module, model_dir: str, rules: list[Rule], *, mesh: Mesh, dtype,
-                    strip_prefixes: tuple[str, ...] = (), skip_prefixes: tuple[str, ...] = ()) -> None:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`."""
+def load_checkpoint(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], rules: list[Rule], *,
+                    mesh: Mesh, dtype, checkpoint: str, strip_prefixes: tuple[str, ...] = (),
+                    skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Fill every parameter of `model` from `tensors`, the checkpoint `checkpoint` (a folder or a hub id)."""
     params = parameters(model)
     compiled = [(re.compile(rule.pattern), rule) for rule in rules]
+    files = tensor_files(checkpoint) if os.path.isdir(checkpoint) else {}
     filled: dict[str, str] = {}
+    rows_filled: dict[str, set[int]] = {}  # stacked parameters filled row by row
     stripped = ""  # the prefix this checkpoint's names carry, for error messages
-    files = checkpoint_files(model_dir)
-    for number, path in enumerate(files, 1):
-        logger.info("jaxllm: loading weights from %s (%d/%d)", os.path.basename(path), number, len(files))
-        for name, array in read_tensors(path):
-            where = f"tensor {name!r} in {path}"
-            local = name
-            for prefix in strip_prefixes:
-                if local.startswith(prefix):
-                    local, stripped = local[len(prefix):], prefix
-                    break
-            if local.startswith(skip_prefixes):
+    for name, array in tensors:
+        where = f"tensor {name!r} in {files.get(name, checkpoint)}"
+        local = name
+        for prefix in strip_prefixes:
+            if local.startswith(prefix):
+                local, stripped = local[len(prefix):], prefix
+                break
+        if local.startswith(skip_prefixes):
+            continue
+        match = next(((m, rule) for regex, rule in compiled if (m := regex.fullmatch(local))), None)
+        if match is None:
+            raise CheckpointError(f"unexpected {where}: the model has no parameter for it")
+        m, rule = match
+        targets = [t.format(*m.groups()) for t in rule.targets]
+        values = rule.transform(array)
+        row = None if rule.row is None else int(rule.row.format(*m.groups()))
+        for target, value in zip(targets, values, strict=True):
+            param = params.get(target)
+            if param is None:
+                raise CheckpointError(f"unexpected {where}: the model has no parameter {target!r}")
+            expected = tuple(param.shape) if row is None else tuple(param.shape[1:])
+            if tuple(value.shape) != expected or (row is not None and not 0 <= row < param.shape[0]):
+                raise CheckpointError(f"shape mismatch for {where}: parameter {target!r} expects "
+                                      f"{expected}" + ("" if row is None else f" for each of rows 0..{param.shape[0] - 1}")
+                                      + f", the checkpoint gives {tuple(value.shape)}"
+                                      + ("" if row is None else f" for row {row}")
+                                      + (" after conversion" if value is not array else ""))
+            sharding = NamedSharding(mesh, P(*(param.get_metadata("out_sharding", None) or ())))
+            value = np.asarray(value).astype(dtype)
+            if row is None:
+                param.set_value(jax.device_put(value, sharding))
+                filled[target] = where
                 continue
-            match = next(((m, rule) for regex, rule in compiled if (m := regex.fullmatch(local))), None)
-            if match is None:
-                raise CheckpointError(f"unexpected {where}: the model has no parameter for it")
-            m, rule = match
-            targets = [t.format(*m.groups()) for t in rule.targets]
-            values = rule.transform(array)
-            for target, value in zip(targets, values, strict=True):
-                param = params.get(target)
-                if param is None:
-                    raise CheckpointError(f"unexpected {where}: the model has no parameter {target!r}")
-                if tuple(value.shape) != tuple(param.shape):
-                    raise CheckpointError(f"shape mismatch for {where}: parameter {target!r} expects "
-                                          f"{tuple(param.shape)}, the checkpoint gives {tuple(value.shape)}"
-                                          + (" after conversion" if value is not array else ""))
-                spec = P(*(param.get_metadata("out_sharding", None) or ()))
-                param.set_value(jax.device_put(np.asarray(value).astype(dtype), NamedSharding(mesh, spec)))
+            # One row of a stacked parameter: written in place, so host memory still holds one tensor.
+            done = rows_filled.setdefault(target, set())
+            if not done:
+                param.set_value(_zeros(param.shape, dtype, sharding))
+            param.set_value(_set_row(param.value, row, value))
+            done.add(row)
+            if len(done) == param.shape[0]:
                 filled[target] = where
     missing = sorted(set(params) - set(filled))
     if missing:
-        named = [f"{target} (tensor {_tensor_name(target, rules, stripped)!r})" for target in missing[:20]]
-        raise CheckpointError(f"checkpoint {model_dir} has no tensor for {len(missing)} parameter(s): "
+        named = [f"{target} (tensor {_tensor_name(target, rules, stripped)!r})"
+                 + (f" rows {sorted(set(range(params[target].shape[0])) - rows_filled[target])}"
+                    if target in rows_filled else "")
+                 for target in missing[:20]]
+        raise CheckpointError(f"checkpoint {checkpoint} has no tensor for {len(missing)} parameter(s): "
                               + ", ".join(named) + (" ..." if len(missing) > 20 else ""))
+
+
+def _zeros(shape, dtype, sharding):
+    return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(stacked: jax.Array, row, value) -> jax.Array:
+    return stacked.at[row].set(value)
 
 
 def _tensor_name(target: str, rules: list[Rule], prefix: str) -> str:
