@@ -37,13 +37,12 @@ from unittest import mock
 
 import jax
 import numpy as np
-from jax._src import tpu_info
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 from jax._src.state import indexing
 from jax._src.state import types as state_types
 from jax.experimental.pallas import tpu as pltpu
 
-CHIPS = {6: (tpu_info.ChipVersion.TPU_V6E, "TPU v6e"), 5: (tpu_info.ChipVersion.TPU_V5E, "TPU v5e")}
+CHIPS = {6: (pltpu.ChipVersion.TPU_V6E, "TPU v6e"), 5: (pltpu.ChipVersion.TPU_V5E, "TPU v5e")}
 
 # Where tpu-inference asks which TPU it runs on: names bound at import, each derived
 # from `jax.devices()[0].device_kind` (which a CPU device can't be made to answer).
@@ -56,7 +55,7 @@ _DEVICE_NAME_USERS = (_RPA + "tuned_block_sizes", _RPA + "tuned_block_sizes_hd64
 def tpu_kernels_interpreted(tpu_version: int = 6):
     """Within: Pallas TPU kernels interpret on the CPU as if on one chip of `tpu_version`."""
     chip, device_name = CHIPS[tpu_version]
-    info = tpu_info.get_tpu_info_for_chip(chip, 1)
+    info = pltpu.get_tpu_info_for_chip(chip, 1)
     with contextlib.ExitStack() as stack:
         def patch(module, name, value):
             stack.enter_context(mock.patch.object(importlib.import_module(module), name, value))
