@@ -1,8 +1,8 @@
 """tpu-inference's Pallas TPU kernels on the CPU, in Pallas's TPU interpret mode.
 
 `pltpu.force_tpu_interpret_mode` runs a TPU kernel on the CPU with simulated
-HBM, VMEM, DMAs and semaphores. For tpu-inference's RPA v3 kernels it needs
-three things the interpreter of jax 0.11.2 lacks:
+HBM, VMEM, DMAs and semaphores. For tpu-inference's RPA v3 kernels (`kernel.py`
+and `kernel_hd64.py`) it needs two things that jax 0.11.2 on a CPU lacks:
 
 - a TPU to describe: the kernels ask `get_tpu_version()` (from the device kind;
   -1 on a CPU, which the block-size heuristics reject) and `pltpu.get_tpu_info()`
@@ -14,15 +14,15 @@ three things the interpreter of jax 0.11.2 lacks:
   interpreter turns a ref's transforms into one index range of the buffer
   (`interpret/utils.py: to_range`) and only knows indexers: a reshape fails with
   `AttributeError: 'ReshapeTransform' object has no attribute 'indices'`, and a
-  bitcast would fail the same way. `_transformed_access` below gives the
-  interpreter's `get` / `store` / `swap` callbacks (which loads, stores and both
-  ends of every DMA go through) a second path for those: read the part of the
+  bitcast would fail the same way. `_get`, `_store` and `_swap` below give the
+  interpreter's callbacks of those names (which loads, stores and both ends of
+  every DMA go through) a second path for those: read the part of the
   buffer the leading indexers select, through the interpreter as before, apply
   the remaining transforms to that value in numpy, and for writes undo them in
   reverse order and store the region back. A bitcast between widths follows
   Mosaic's packing along the second-minor axis, as `pltpu.bitcast`'s own CPU
-  lowering does (`pallas/mosaic/primitives.py: _bitcast_lowering_rule`);
-- nothing else: semaphores, DMAs and the kernel body interpret as they are.
+  lowering does (`pallas/mosaic/primitives.py: _bitcast_lowering_rule`).
+Nothing else: semaphores, DMAs and the kernel body interpret as they are.
 
 Race detection is off (the region read-modify-write is not an atomic access
 for it); the kernel's DMAs complete on wait, as the interpreter does by default.
