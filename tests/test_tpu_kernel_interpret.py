@@ -32,6 +32,7 @@ from tpu_inference.layers.common import attention_interface
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 
 from jaxllm.attention import dispatch
+from jaxllm.attention.chunked import virtual_batches
 from jaxllm.attention.portable import ragged_paged_attention
 from test_attention import BF16, F32, F32_TOL, assert_bitwise_equal, assert_cache_updated_exactly, \
     expected_cache, make_case
@@ -137,6 +138,12 @@ def test_chunked_layers_run_as_virtual_batches_on_the_real_kernel(tpu_branch):
     out, cache = tpu_branch(case, mesh_shape=(1, 2), chunk_size=CHUNK)
     assert_matches_portable(case, out, chunk_size=CHUNK)
     assert_cache_updated_exactly(case, cache)
+    # The kernel's own runtime checks of the virtual requests: 0 < q_len <= kv_len, every page
+    # they need within their (chunk-wide) row, every page id in the cache.
+    virtual = virtual_batches(*case.metadata(), chunk_size=CHUNK, page_size=case.page_size,
+                              num_tokens=case.q.shape[0])
+    assert virtual[1].shape == (virtual[0].shape[0] * CHUNK // case.page_size,)
+    tpu_rpa.dynamic_validate_inputs(*_qkv(case), jnp.asarray(case.cache), *virtual)
 
 
 @slow
