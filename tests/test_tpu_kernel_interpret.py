@@ -31,6 +31,7 @@ from tpu_inference.kernels.ragged_paged_attention.v3 import kernel_hd64 as tpu_r
 from tpu_inference.layers.common import attention_interface
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
 
+from jaxllm import platform
 from jaxllm.attention import dispatch
 from jaxllm.attention.chunked import virtual_batches
 from jaxllm.attention.portable import ragged_paged_attention
@@ -82,12 +83,7 @@ def tpu_branch(monkeypatch):
 
 
 def take_tpu_branch(monkeypatch, value: bool):
-    """Make dispatch take its TPU branch, or not. on_tpu() is moving from dispatch to jaxllm.platform."""
-    monkeypatch.setattr(dispatch, "on_tpu", lambda: value, raising=False)
-    try:
-        import jaxllm.platform as platform
-    except ImportError:
-        return
+    """Make dispatch take its TPU branch, or not."""
     monkeypatch.setattr(platform, "on_tpu", lambda: value)
 
 
@@ -107,8 +103,7 @@ def _metadata(case):
 
 
 def _out_and_cache(result):
-    """(out [T, N, H], cache [5 dims]) whichever order dispatch.attention returns them in."""
-    out, cache = sorted(result, key=lambda a: a.ndim)
+    out, cache = result
     return np.asarray(out), np.asarray(cache)
 
 
