@@ -25,8 +25,20 @@ Weights are transformers' own random init under ``torch.manual_seed(seed)``, wit
 (``initializer_range``) picked per architecture so greedy decoding does not get stuck on one
 token.  Tensors that transformers initialises to a constant (norm weights, Gemma 4 layer
 scalars, router scales) are multiplied by random factors around 1, so a loader that drops or
-swaps them changes the output.  The text weights of a multimodal checkpoint differ from the
-text-only checkpoint built with the same seed.
+swaps them changes the output; so do the vision tower's zero-initialised biases (set to small
+random values).  The text weights of a multimodal checkpoint differ from the text-only
+checkpoint built with the same seed.
+
+Multimodal checkpoints also carry what a released one has for its processor, written by
+transformers' own classes and sized to the tiny vision tower: ``processor_config.json``,
+``preprocessor_config.json`` (the image processor), ``chat_template.jinja`` (a template that
+renders image parts as the processor's placeholder) and a tokenizer with the image tokens
+(Llama 4: ``<|image|>``, ``<|patch|>`` = ``image_token_index``, ``<|image_start|>`` /
+``<|image_end|>``, tile separators; Gemma 4: ``<|image>`` ``<|image|>`` ``<image|>``, video and
+audio tokens, named in the tokenizer as Gemma4Processor expects).  ``AutoProcessor`` and
+vLLM's multimodal processors accept them: Llama 4 tiles images into 56x56 tiles of 4x4 patches
+(4 ``<|patch|>`` tokens per tile after pixel shuffle, up to 16 tiles plus a global one);
+Gemma 4 resizes them to at most 70 soft tokens of 3x3 patches of 16x16 pixels.
 
 The tokenizer is a byte-level BPE trained on a small English corpus embedded in this file
 (1024 tokens for tiny, 4096 for small; unused ids are filled with reserved special tokens).
@@ -112,6 +124,12 @@ GEMMA4_MOE = {
 # small -- compare greedy tokens in float32, not bfloat16).
 INITIALIZER_RANGE = {"llama": 0.1, "llama4": 0.1, "gemma4": 0.02}
 
+# Multimodal checkpoints: Gemma 4's soft-token budget per image (its vision_config's
+# default_output_length and its image processor's max_soft_tokens) and Llama 4's maximum number
+# of tiles per image (its image processor's max_patches, the released value).
+GEMMA4_SOFT_TOKENS = 70
+LLAMA4_MAX_TILES = 16
+
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -140,6 +158,27 @@ TOKEN_FAMILIES: dict[str, dict[str, Any]] = {
             "{{- '<|header_start|>assistant<|header_end|>\n\n' }}"
             "{%- endif %}"
         ),
+        # Multimodal checkpoints: content may also be a list of {"type": "image"} / {"type":
+        # "text", "text": ...} parts, an image rendered as the processor's `<|image|>`
+        # placeholder (as in Llama 4's own template); plain-string content renders as above.
+        "mm_chat_template": (
+            "{{- bos_token }}"
+            "{%- for message in messages %}"
+            "{{- '<|header_start|>' + message['role'] + '<|header_end|>\n\n' }}"
+            "{%- if message['content'] is string %}"
+            "{{- message['content'] | trim }}"
+            "{%- else %}"
+            "{%- for part in message['content'] %}"
+            "{%- if part['type'] == 'image' %}{{- '<|image|>' }}"
+            "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+            "{%- endfor %}"
+            "{%- endif %}"
+            "{{- '<|eot|>' }}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}"
+            "{{- '<|header_start|>assistant<|header_end|>\n\n' }}"
+            "{%- endif %}"
+        ),
     },
     "gemma": {
         "bos": "<bos>",
@@ -158,6 +197,31 @@ TOKEN_FAMILIES: dict[str, dict[str, Any]] = {
             "{{- '<|turn>model\n' }}"
             "{%- endif %}"
         ),
+        "mm_chat_template": (
+            "{{- bos_token }}"
+            "{%- for message in messages %}"
+            "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+            "{{- '<|turn>' + role + '\n' }}"
+            "{%- if message['content'] is string %}"
+            "{{- message['content'] | trim }}"
+            "{%- else %}"
+            "{%- for part in message['content'] %}"
+            "{%- if part['type'] == 'image' %}{{- '<|image|>' }}"
+            "{%- elif part['type'] == 'video' %}{{- '<|video|>' }}"
+            "{%- elif part['type'] == 'audio' %}{{- '<|audio|>' }}"
+            "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+            "{%- endfor %}"
+            "{%- endif %}"
+            "{{- '<turn|>\n' }}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}"
+            "{{- '<|turn>model\n' }}"
+            "{%- endif %}"
+        ),
+        # Named in the multimodal tokenizer (`tokenizer.image_token`, ...), where Gemma4Processor
+        # looks for them.
+        "mm_named_tokens": {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                            "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"},
     },
 }
 ARCH_FAMILY = {"llama": "llama", "llama4": "llama", "gemma4": "gemma"}
@@ -251,11 +315,13 @@ def _corpus_lines() -> list[str]:
     return [line for line in CORPUS.splitlines() if line.strip()]
 
 
-def build_tokenizer(family: str, vocab_size: int, model_max_length: int):
+def build_tokenizer(family: str, vocab_size: int, model_max_length: int, multimodal: bool = False):
     """Train a byte-level BPE tokenizer; returns a ``PreTrainedTokenizerFast``.
 
     Special tokens come first (ids 0, 1, ...); unused ids at the end of the vocabulary are
     filled with ``<|reserved_special_token_N|>`` so the size is exactly ``vocab_size``.
+    ``multimodal``: the same vocabulary (same ids), with the chat template that renders image
+    parts and the family's named multimodal tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -285,14 +351,16 @@ def build_tokenizer(family: str, vocab_size: int, model_max_length: int):
         single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
         special_tokens=[(bos, tok.token_to_id(bos))],
     )
+    named = dict(extra_special_tokens=spec["mm_named_tokens"]) if multimodal and "mm_named_tokens" in spec else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=spec["bos"],
         eos_token=spec["eos"],
         pad_token=spec["pad"],
-        chat_template=spec["chat_template"],
+        chat_template=spec["mm_chat_template" if multimodal else "chat_template"],
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        **named,
     )
 
 
@@ -306,7 +374,8 @@ def _token_ids(tokenizer, family: str) -> dict[str, Any]:
     )
 
 
-def _save_tokenizer(tokenizer, family: str, out: Path) -> None:
+def _save_tokenizer(tokenizer, family: str, out: Path, keep_jinja: bool = False) -> None:
+    """``keep_jinja``: leave ``chat_template.jinja`` (a processor's template, read from there)."""
     tokenizer.save_pretrained(out)
     # Pin the generic class name (transformers 5 writes its internal "TokenizersBackend") and
     # write special_tokens_map.json, which transformers 5 no longer emits, for other readers.
@@ -315,8 +384,11 @@ def _save_tokenizer(tokenizer, family: str, out: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     # Keep the chat template in tokenizer_config.json (transformers 5 moves it to a .jinja file).
-    cfg["chat_template"] = spec["chat_template"]
-    (out / "chat_template.jinja").unlink(missing_ok=True)
+    cfg["chat_template"] = tokenizer.chat_template
+    if keep_jinja:
+        (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    else:
+        (out / "chat_template.jinja").unlink(missing_ok=True)
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     special = {"bos_token": spec["bos"], "eos_token": spec["eos"], "pad_token": spec["pad"]}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
@@ -434,10 +506,16 @@ def _gemma4_config(size, tokenizer, multimodal, overrides):
     if not multimodal:
         return text_config, Gemma4ForCausalLM
 
+    # Tiny vision tower.  Images are resized to at most GEMMA4_SOFT_TOKENS soft tokens of 3x3
+    # patches of 16x16 pixels (70 is the smallest budget the image processor accepts); a patch
+    # coordinate reaches at most 70 * 3 - 1 (a 3-patch-high strip), inside the 256-entry position
+    # tables.  `default_output_length` is not a transformers field: vLLM reads it (the released
+    # configs carry it) as the soft-token budget per image.
     vision_config = Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3,
-        position_embedding_size=128, initializer_range=INITIALIZER_RANGE["gemma4"],
+        position_embedding_size=256, initializer_range=INITIALIZER_RANGE["gemma4"],
+        default_output_length=GEMMA4_SOFT_TOKENS,
     )
     ids = tokenizer.convert_tokens_to_ids
     config = Gemma4Config(
@@ -482,6 +560,55 @@ def _perturb_constant_tensors(model, generator) -> None:
             if torch.isfinite(first) and first != 0 and torch.all(tensor == first):
                 noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
                 tensor.mul_((1 + 0.1 * noise).to(tensor.dtype))
+
+
+# Multimodal parts outside the text model, by their module name in transformers' model.
+VISION_MODULES = ("vision_model", "multi_modal_projector", "vision_tower", "embed_vision")
+
+
+def _randomize_zero_vision_tensors(model, generator) -> None:
+    """Give the vision tower's zero-initialised tensors (Llama 4's biases and layer-norm shifts)
+    small random values, so a loader that drops them changes the image features.  Only vision
+    tensors: the text weights stay those of the same seed without it."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not any(f"{part}." in name for part in VISION_MODULES):
+                continue
+            if tensor.is_floating_point() and tensor.numel() and not tensor.any():
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator, dtype=torch.float32))
+
+
+def _save_processor(arch: str, config, tokenizer, out: Path) -> None:
+    """Write a released checkpoint's processor files (``processor_config.json``,
+    ``preprocessor_config.json``, ``chat_template.jinja``) with transformers' own processor
+    classes, set up to match the tiny vision tower in ``config``."""
+    vision = config.vision_config
+    if arch == "llama4":
+        from transformers import Llama4ImageProcessor, Llama4Processor
+
+        # Tiles of the vision tower's image size; each tile is patch_size x patch_size patches,
+        # pixel-shuffled into (image_size / patch_size)^2 * ratio^2 <|patch|> tokens.
+        image_processor = Llama4ImageProcessor(size={"height": vision.image_size, "width": vision.image_size},
+                                               max_patches=LLAMA4_MAX_TILES)
+        processor = Llama4Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                    patch_size=vision.patch_size, pixel_shuffle_ratio=vision.pixel_shuffle_ratio,
+                                    chat_template=tokenizer.chat_template)
+    else:
+        from transformers import (Gemma4AudioFeatureExtractor, Gemma4ImageProcessor, Gemma4Processor,
+                                  Gemma4VideoProcessor)
+
+        patches = dict(patch_size=vision.patch_size, pooling_kernel_size=vision.pooling_kernel_size)
+        image_processor = Gemma4ImageProcessor(max_soft_tokens=vision.default_output_length, **patches)
+        processor = Gemma4Processor(
+            feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor,
+            tokenizer=tokenizer, video_processor=Gemma4VideoProcessor(**patches),
+            chat_template=tokenizer.chat_template, image_seq_length=vision.default_output_length)
+    processor.save_pretrained(out)  # processor_config.json (all parts), chat_template.jinja, tokenizer
+    # transformers 5 folds the image processor into processor_config.json; released checkpoints
+    # also carry it as preprocessor_config.json, which other readers look for.
+    image_processor.save_pretrained(out)
 
 
 def _text_config(config):
@@ -540,12 +667,14 @@ def build_checkpoint(
 
     max_len = config_overrides.get("max_position_embeddings",
                                    PRESETS[arch][size]["max_position_embeddings"])
-    tokenizer = build_tokenizer(family, VOCAB_SIZE[size], model_max_length=max_len)
+    tokenizer = build_tokenizer(family, VOCAB_SIZE[size], model_max_length=max_len, multimodal=multimodal)
     config, model_cls = CONFIG_BUILDERS[arch](size, tokenizer, multimodal, config_overrides)
 
     torch.manual_seed(seed)
     model = model_cls(config)
     _perturb_constant_tensors(model, torch.Generator().manual_seed(seed + 1))
+    if multimodal:
+        _randomize_zero_vision_tensors(model, torch.Generator().manual_seed(seed + 2))
     # Like model.to(dtype), but leaves complex buffers (Llama 4's vision RoPE) alone.
     target = getattr(torch, dtype)
     model._apply(lambda t: t.to(target) if t.is_floating_point() else t)
@@ -555,7 +684,9 @@ def build_checkpoint(
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out, safe_serialization=True)
     _add_readable_config_fields(out, arch, config)
-    _save_tokenizer(tokenizer, family, out)
+    if multimodal:
+        _save_processor(arch, config, tokenizer, out)
+    _save_tokenizer(tokenizer, family, out, keep_jinja=multimodal)
     return out
 
 
