@@ -77,14 +77,16 @@ class Engine:
                  cache_specs=None, kv_share=None):
         """`cache_specs`: per layer (num_kv_heads, head_dim); defaults to the model config's.
 
-        `kv_share`: {shared layer: donor layer}. As tpu-inference's runner does, a shared
-        layer gets no cache of its own: its name maps to the donor's slot, and grouped
-        metadata has no entry for it.
+        `kv_share`: {shared layer: donor layer}, by default the config's. As tpu-inference's
+        runner does, a shared layer gets no cache of its own: its name maps to the donor's
+        slot, and grouped metadata has no entry for it.
         """
         self.model, self.mesh = model, mesh
         self.rng = np.random.default_rng(seed)
-        c = model.config
-        rows = cache_specs or [(c.num_kv_heads, c.head_dim)] * c.num_layers
+        layers = model.config.kv_layers()
+        rows = cache_specs or [(layer.num_kv_heads, layer.head_dim) for layer in layers]
+        if kv_share is None and cache_specs is None:
+            kv_share = {i: layer.kv_donor for i, layer in enumerate(layers) if layer.kv_donor is not None}
         self.kv_share = dict(kv_share or {})
         # Each layer gets its own slot, shuffled so that list order != layer order.
         slot_order = self.rng.permutation(len(rows) - len(self.kv_share))
@@ -102,11 +104,12 @@ class Engine:
         return request
 
     def step(self, schedule: list[tuple[Request, int]], pad_to: int | None = None,
-             grouped: bool = False) -> list[np.ndarray]:
+             grouped: bool = False, embed=None) -> list[np.ndarray]:
         """Run one step; `schedule` lists (request, new tokens) with decodes first. Returns logits per request.
 
         `grouped` passes the metadata as tpu-inference does with several KV-cache
-        groups: a dict keyed by layer name.
+        groups: a dict keyed by layer name. `embed(ids) -> [T, D]`: the step gets these
+        embeddings beside the ids, as the runner gives a multimodal step.
         """
         num_tokens = sum(n for _, n in schedule)
         ids = np.zeros(pad_to or num_tokens, np.int32)
@@ -120,7 +123,8 @@ class Engine:
         if grouped:
             metadata = {f"layer.{i}": metadata for i in range(len(self.layer_slots)) if i not in self.kv_share}
         with jax.set_mesh(self.mesh):
-            self.caches, logits = self._step(self._state, self.caches, jnp.asarray(ids), metadata)
+            embeds = None if embed is None else embed(jnp.asarray(ids))
+            self.caches, logits = self._step(self._state, self.caches, jnp.asarray(ids), metadata, None, embeds)
         logits = np.asarray(logits)
         out, at = [], 0
         for request, n in schedule:

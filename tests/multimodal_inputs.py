@@ -56,7 +56,9 @@ def vllm_image_inputs(processor, pictures) -> VllmImageInputs:
 
     tokenizer = processor.info.get_tokenizer()
     prompt = tokenizer.apply_chat_template(chat(len(pictures)), add_generation_prompt=True, tokenize=False)
-    out = processor(prompt, processor.info.parse_mm_data({"image": list(pictures)}), hf_processor_mm_kwargs={})
+    # As vLLM's chat endpoint tokenizes a rendered template: the template has the special tokens.
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    out = processor(ids, processor.info.parse_mm_data({"image": list(pictures)}), hf_processor_mm_kwargs={})
     items = [("image", item) for item in out["mm_kwargs"]["image"]]
     batches = list(group_and_batch_mm_kwargs(items))
     assert len(batches) == 1, batches  # one modality, same fields: one batch

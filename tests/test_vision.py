@@ -24,12 +24,12 @@ import pytest
 import torch
 from flax import nnx
 
-from harness import auto_mesh
+from harness import auto_mesh, vllm_config
 from jaxllm.checkpoints import cached_checkpoint
 from jaxllm.model.config import UnsupportedConfigError
 from jaxllm.model.vision.gemma4 import Gemma4ImageEncoder, Gemma4VisionConfig
 from jaxllm.model.vision.llama4 import Llama4ImageEncoder, Llama4VisionConfig
-from jaxllm.model.weights import load_checkpoint
+from jaxllm.model.weights import checkpoint_tensors, load_checkpoint
 from multimodal_inputs import chat, images, vllm_image_inputs, vllm_processor
 
 ATOL = 1e-4
@@ -42,8 +42,9 @@ def load_encoder(cls, config_cls, path, mesh, dtype=jnp.float32):
     config = config_cls.from_hf(AutoConfig.from_pretrained(path))
     with jax.set_mesh(mesh):
         encoder = nnx.eval_shape(lambda: cls(config, dtype, mesh, nnx.Rngs(0)))
-        load_checkpoint(encoder, str(path), encoder.checkpoint_rules(), mesh=mesh, dtype=dtype,
-                        strip_prefixes=encoder.checkpoint_prefixes, skip_prefixes=encoder.skipped_prefixes)
+        load_checkpoint(encoder, checkpoint_tensors(vllm_config(path)), encoder.checkpoint_rules(), mesh=mesh,
+                        dtype=dtype, checkpoint=str(path), strip_prefixes=encoder.checkpoint_prefixes,
+                        skip_prefixes=encoder.skipped_prefixes)
     return encoder
 
 

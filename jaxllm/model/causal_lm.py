@@ -6,7 +6,12 @@
   an unrolled Python loop, each layer reading and writing its own slot of the
   cache list, and returns `(kv_caches, hidden_states, [], None)`;
 - `compute_logits(hidden)` projects only the rows the runner selected;
-- `load_weights(rng_key)` streams the HF checkpoint into the parameters.
+- `load_weights(rng_key)` streams the HF checkpoint into the parameters;
+- multimodal checkpoints (`image_encoder_class` set) add what tpu-inference's runner
+  calls for them: `embed_multimodal(**processor_outputs)` gives each image's features,
+  `embed_input_ids(input_ids, features, is_multimodal=mask)` puts them in place of the
+  image's placeholder tokens, and `precompile_vision_encoder` compiles the encoder at
+  warm-up. With every image limit at 0 (`--limit-mm-per-prompt`), no encoder is built.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from jaxllm.model.params import param
 from jaxllm.model.weights import Rule, checkpoint_tensors, load_checkpoint, transpose
 
 
+def takes_images(model_config) -> bool:
+    """Whether vLLM will send this model images: a multimodal checkpoint whose image limit isn't 0."""
+    mm = model_config.multimodal_config
+    return mm is not None and mm.get_limit_per_prompt("image") > 0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _ByIdentity:
     """A value kept as static module state but compared and hashed by identity: nnx compares static
@@ -34,7 +45,11 @@ class _ByIdentity:
 class CausalLM(nnx.Module):
     config_class: type                         # a dataclass with `from_hf(hf_config)`
     checkpoint_prefixes: tuple[str, ...] = ()  # stripped from tensor names (multimodal checkpoints)
-    skipped_prefixes: tuple[str, ...] = ()     # tensors of parts we don't run (vision, audio)
+    skipped_prefixes: tuple[str, ...] = ()     # tensors of parts we don't run (audio)
+    image_encoder_class: type | None = None    # multimodal checkpoints: `jaxllm.model.vision` encoder
+    image_prefixes: tuple[str, ...] = ()       # its tensors (after stripping), skipped when it isn't built
+    unserved_modalities: tuple[str, ...] = ()  # what vLLM's processor takes but we don't (refused per request)
+    needs_token_ids = False                    # __call__ needs input_ids even with inputs_embeds
 
     def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh):
         model_config = vllm_config.model_config
@@ -49,6 +64,11 @@ class CausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), dtype, (None, Axis.MLP_TENSOR))
         self.build(config, dtype, mesh, rngs, model_config.max_model_len)
+        encoder = self.image_encoder_class
+        if encoder is not None and takes_images(model_config):
+            self.vision = encoder(encoder.config_class.from_hf(model_config.hf_config), dtype, mesh, rngs)
+        else:
+            self.vision = None
 
     @property
     def vllm_config(self):
@@ -77,6 +97,29 @@ class CausalLM(nnx.Module):
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], input_ids, axis=0)
 
+    def embed_input_ids(self, input_ids: jax.Array, multimodal_embeddings: jax.Array | None = None, *,
+                        is_multimodal: jax.Array | None = None) -> jax.Array:
+        """[T, D] embeddings: each token's, and where `is_multimodal` [T], the next row of
+        `multimodal_embeddings` [>= its count, D] (the runner's features, in prompt order)."""
+        x = self.embed_tokens(input_ids)
+        if multimodal_embeddings is None or is_multimodal is None:
+            return x
+        row = jnp.clip(jnp.cumsum(is_multimodal) - 1, 0, multimodal_embeddings.shape[0] - 1)
+        return jnp.where(is_multimodal[:, None], multimodal_embeddings[row].astype(x.dtype), x)
+
+    def embed_multimodal(self, **processor_outputs) -> list[jax.Array]:
+        """The features of each image in vLLM's processor outputs, [placeholders of the image, D] each."""
+        if self.vision is None:
+            raise ValueError(f"{type(self).__name__} was started without image input (every image limit of "
+                             "--limit-mm-per-prompt is 0)")
+        return self.vision.encode_images(**processor_outputs)
+
+    def precompile_vision_encoder(self, run_compilation) -> None:
+        """Compile the image encoder for the one input shape it is called with (tpu-inference's warm-up)."""
+        inputs = None if self.vision is None else self.vision.warmup_inputs()
+        if inputs is not None:
+            run_compilation("jaxllm image encoder", self.embed_multimodal, call_kwargs=inputs, aot=False)
+
     @staticmethod
     def layer_cache(i: int, layer_name_to_kvcache_index, attention_metadata, metadata_layer: int | None = None):
         """(slot in the cache list, attention metadata) of layer i.
@@ -99,9 +142,15 @@ class CausalLM(nnx.Module):
 
     def load_weights(self, rng_key: jax.Array) -> None:
         """Stream the checkpoint in through vLLM's loader (`--load-format`, `--download-dir`, `--revision`)."""
-        load_checkpoint(self, checkpoint_tensors(self.vllm_config, self), self.checkpoint_rules(), mesh=self.mesh,
+        rules, skipped = self.checkpoint_rules(), self.skipped_prefixes
+        if self.vision is None:
+            skipped += self.image_prefixes
+        else:
+            rules += [dataclasses.replace(rule, targets=tuple(f"vision.{t}" for t in rule.targets))
+                      for rule in self.vision.checkpoint_rules()]
+        load_checkpoint(self, checkpoint_tensors(self.vllm_config, self), rules, mesh=self.mesh,
                         dtype=self.dtype, checkpoint=self.vllm_config.model_config.model,
-                        strip_prefixes=self.checkpoint_prefixes, skip_prefixes=self.skipped_prefixes)
+                        strip_prefixes=self.checkpoint_prefixes, skip_prefixes=skipped)
 
     def modules(self):
         # vLLM walks `model.modules()` at shutdown as if this were a torch module.

@@ -64,12 +64,13 @@ def attention_metadata(q_lens: Sequence[int], kv_lens: Sequence[int], page_table
 
 
 def jitted_step(model: nnx.Module, layer_slots: LayerSlots, *, donate_caches: bool):
-    """jit(state, caches, ids, metadata, logits_rows) -> (caches, logits); `logits_rows` None: every token."""
+    """jit(state, caches, ids, metadata, logits_rows, inputs_embeds) -> (caches, logits); `logits_rows`
+    None: every token; `inputs_embeds` (a multimodal step's, from `embed_input_ids`) beside the ids."""
     graphdef = nnx.graphdef(model)
 
-    def step(state, caches, ids, metadata, logits_rows=None):
+    def step(state, caches, ids, metadata, logits_rows=None, inputs_embeds=None):
         m = nnx.merge(graphdef, state)
-        caches, hidden, _, _ = m(caches, ids, metadata, None, None, layer_slots)
+        caches, hidden, _, _ = m(caches, ids, metadata, inputs_embeds, None, layer_slots)
         return caches, m.compute_logits(hidden if logits_rows is None else hidden[logits_rows])
 
     return jax.jit(step, donate_argnums=1 if donate_caches else ())

@@ -38,6 +38,7 @@ from jaxllm.model.mlp import ACTIVATIONS, GatedMLP, Gemma4MoE
 from jaxllm.model.norms import RMSNormScaledInFP32, rms_normalize
 from jaxllm.model.params import ones, param
 from jaxllm.model.rope import apply_rope_split_half
+from jaxllm.model.vision.gemma4 import Gemma4ImageEncoder
 from jaxllm.model.weights import Rule, heads_in, heads_out, split_last, transpose
 
 
@@ -140,7 +141,20 @@ class JaxGemma4ForCausalLM(CausalLM):
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
         # HF multiplies by sqrt(hidden) cast to the weights' dtype (55.4 becomes 55.5 in bf16).
         scale = jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
-        return super().embed_tokens(input_ids) * scale
+        return super().embed_tokens(self.text_ids(input_ids)) * scale
+
+    def text_ids(self, input_ids: jax.Array) -> jax.Array:
+        """Image/video/audio placeholders as padding: like transformers, the text embeddings (and the
+        per-layer inputs) of those positions are the pad token's; image features replace them later."""
+        c = self.config
+        if not c.placeholder_token_ids:
+            return input_ids
+        placeholder = jnp.isin(input_ids, jnp.asarray(c.placeholder_token_ids, input_ids.dtype))
+        return jnp.where(placeholder, c.pad_token_id, input_ids)
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return bool(self.config.hidden_size_per_layer_input)  # the per-layer inputs embed the token ids
 
     def per_layer_inputs(self, input_ids: jax.Array, embeds: jax.Array) -> jax.Array:
         """[T, layers, P]: (norm(embeds @ projection / sqrt(hidden)) + per-layer token embedding) / sqrt(2)."""
@@ -159,7 +173,8 @@ class JaxGemma4ForCausalLM(CausalLM):
     # Text-only checkpoints keep the model under `model.`, multimodal ones under
     # `model.language_model.`; rules name tensors relative to the text model.
     checkpoint_prefixes = ("model.language_model.", "model.")
-    skipped_prefixes = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
+    image_prefixes = ("vision_tower.", "embed_vision.")
+    skipped_prefixes = ("audio_tower.", "embed_audio.")  # audio input is refused at request time
 
     def checkpoint_rules(self) -> list[Rule]:
         c = self.config
@@ -207,16 +222,12 @@ class JaxGemma4ForCausalLM(CausalLM):
     def __call__(self, kv_caches, input_ids, attention_metadata, inputs_embeds=None, input_positions=None,
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):
         c = self.config
-        if input_ids is not None and c.placeholder_token_ids:
-            # No image/audio features replace these placeholders here: like transformers, embed them as padding.
-            placeholder = jnp.isin(input_ids, jnp.asarray(c.placeholder_token_ids, input_ids.dtype))
-            input_ids = jnp.where(placeholder, c.pad_token_id, input_ids)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         per_layer = None
         if c.hidden_size_per_layer_input:
             if input_ids is None:
                 raise NotImplementedError("Gemma 4 per-layer inputs need input_ids, not only inputs_embeds")
-            per_layer = self.per_layer_inputs(input_ids, x)
+            per_layer = self.per_layer_inputs(self.text_ids(input_ids), x)
         kv_caches = list(kv_caches)
         donor_kv = {}  # donor layer -> the (k, v) it computed this step, for the layers sharing its cache
         for i, layer in enumerate(self.layers):
@@ -231,4 +242,8 @@ class JaxGemma4ForCausalLM(CausalLM):
 
 
 class JaxGemma4ForConditionalGeneration(JaxGemma4ForCausalLM):
-    """The text model of a multimodal Gemma 4 checkpoint (vision and audio towers skipped)."""
+    """A multimodal Gemma 4 checkpoint: the text model, and the image encoder (`jaxllm.model.vision.gemma4`);
+    the audio tower is not loaded."""
+
+    image_encoder_class = Gemma4ImageEncoder
+    unserved_modalities = ("audio", "video")

@@ -24,6 +24,7 @@ from jaxllm.model.mlp import GatedMLP, Llama4MoE
 from jaxllm.model.norms import RMSNorm, rms_normalize
 from jaxllm.model.params import param
 from jaxllm.model.rope import apply_rope_interleaved
+from jaxllm.model.vision.llama4 import Llama4ImageEncoder
 from jaxllm.model.weights import Rule, heads_in, heads_out, split_last, transpose
 
 
@@ -117,7 +118,7 @@ class JaxLlama4ForCausalLM(CausalLM):
 
     # Multimodal checkpoints keep the text model under `language_model.`; the rest is vision.
     checkpoint_prefixes = ("language_model.",)
-    skipped_prefixes = ("vision_model.", "multi_modal_projector.")
+    image_prefixes = ("vision_model.", "multi_modal_projector.")
 
     def __call__(self, kv_caches, input_ids, attention_metadata, inputs_embeds=None, input_positions=None,
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):
@@ -130,4 +131,6 @@ class JaxLlama4ForCausalLM(CausalLM):
 
 
 class JaxLlama4ForConditionalGeneration(JaxLlama4ForCausalLM):
-    """The text model of a multimodal Llama 4 checkpoint (vision tower skipped)."""
+    """A multimodal Llama 4 checkpoint: the text model, and the image encoder (`jaxllm.model.vision.llama4`)."""
+
+    image_encoder_class = Llama4ImageEncoder

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.abc
+import inspect
 import sys
 from typing import Any, Callable
 
@@ -69,7 +70,8 @@ def is_applied(patch: Patch) -> bool:
     if module is None:
         return False
     owner, attr = _owner(module, patch.name)
-    return patch.target in _replacements and getattr(owner, attr, None) is _replacements[patch.target]
+    # Statically: a class's classmethod comes back bound (a new object) through getattr.
+    return patch.target in _replacements and inspect.getattr_static(owner, attr, None) is _replacements[patch.target]
 
 
 def explain() -> str:

@@ -60,6 +60,7 @@ class Gemma4VisionConfig:
     standardize: bool           # (h - std_bias) * std_scale after pooling
     use_clipped_linears: bool   # every encoder projection clamps its input and output to stored bounds
     text_hidden_size: int
+    max_soft_tokens: int | None  # `default_output_length` (read by vLLM): soft tokens of the processor's images
 
     @classmethod
     def from_hf(cls, hf_config) -> "Gemma4VisionConfig":
@@ -95,6 +96,7 @@ class Gemma4VisionConfig:
             standardize=bool(v.standardize),
             use_clipped_linears=bool(v.use_clipped_linears),
             text_hidden_size=text_config(hf_config).hidden_size,
+            max_soft_tokens=getattr(v, "default_output_length", None),
         )
 
     @property
@@ -237,6 +239,8 @@ def pool_soft_tokens(h: jax.Array, positions: jax.Array, padding: jax.Array, k: 
 class Gemma4ImageEncoder(nnx.Module):
     """Gemma 4's vision tower (`model.vision_tower`) and embedder (`model.embed_vision`)."""
 
+    config_class = Gemma4VisionConfig
+
     # Standalone loading with `load_checkpoint`: tensor names as the rules below read them.
     checkpoint_prefixes = ("model.",)
     skipped_prefixes = ("language_model.", "audio_tower.", "embed_audio.", "lm_head.")
@@ -292,8 +296,21 @@ class Gemma4ImageEncoder(nnx.Module):
         if np.any(counts % k2):
             raise ValueError(f"Gemma 4 image patch counts {counts.tolist()} are not multiples of "
                              f"pooling_kernel_size**2={k2}")
-        features = _encode(self, jnp.asarray(pixels), jnp.asarray(positions))
-        return [features[i, :n] for i, n in enumerate((counts // k2).tolist())]
+        # One image per call: every call has the processor's one shape, compiled once (at warm-up).
+        return [_encode(self, jnp.asarray(pixels[i:i + 1]), jnp.asarray(positions[i:i + 1]))[0, :n]
+                for i, n in enumerate((counts // k2).tolist())]
+
+    def warmup_inputs(self) -> dict | None:
+        """`encode_images` arguments of one image of the processor's shape, for the runner's warm-up."""
+        c = self.config
+        if c.max_soft_tokens is None:
+            return None  # the processor's shape is unknown: the first image compiles
+        patches = c.max_soft_tokens * c.pooling_kernel_size ** 2
+        side = c.pooling_kernel_size  # a k x k image: one soft token, the rest padding
+        positions = np.full((1, patches, 2), -1, np.int32)
+        positions[0, :side * side] = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)
+        return dict(pixel_values=np.zeros((1, patches, 3 * c.patch_size ** 2), np.float32),
+                    pixel_position_ids=positions)
 
     def checkpoint_rules(self) -> list[Rule]:
         """Tensor names after `model.` (as the text model's loader strips it)."""

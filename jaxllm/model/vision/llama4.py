@@ -220,6 +220,8 @@ def pixel_shuffle(x: jax.Array, ratio: float) -> jax.Array:
 class Llama4ImageEncoder(nnx.Module):
     """Llama 4's vision model (`vision_model`) and projector (`multi_modal_projector`)."""
 
+    config_class = Llama4VisionConfig
+
     # Standalone loading with `load_checkpoint`: every tensor outside the vision part is skipped.
     checkpoint_prefixes: tuple[str, ...] = ()
     skipped_prefixes = ("language_model.",)
@@ -287,9 +289,16 @@ class Llama4ImageEncoder(nnx.Module):
         if pixels.shape[0] != tiles_per_image.sum():
             raise ValueError(f"Llama 4 pixel_values has {pixels.shape[0]} tiles, patches_per_image "
                              f"{tiles_per_image.tolist()} sum to {tiles_per_image.sum()}")
-        features = _encode(self, jnp.asarray(pixels))
+        # One tile per call (tiles are encoded independently): one shape, compiled once (at warm-up).
+        features = [_encode(self, jnp.asarray(pixels[t:t + 1]))[0] for t in range(pixels.shape[0])]
         starts = np.concatenate([[0], np.cumsum(tiles_per_image)])
-        return [features[a:b].reshape(-1, features.shape[-1]) for a, b in zip(starts[:-1], starts[1:])]
+        return [jnp.concatenate(features[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+    def warmup_inputs(self) -> dict:
+        """`encode_images` arguments of one one-tile image, for the runner's warm-up."""
+        c = self.config
+        return dict(pixel_values=np.zeros((1, c.num_channels, c.image_size, c.image_size), np.float32),
+                    patches_per_image=np.ones(1, np.int64))
 
     def checkpoint_rules(self) -> list[Rule]:
         n = self.config.num_heads

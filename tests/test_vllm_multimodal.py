@@ -1,0 +1,103 @@
+"""Released-style multimodal checkpoints through vllm.LLM: started as users start them, images in.
+
+The tiny `...ForConditionalGeneration` checkpoints carry what a released one has
+(processor files, the image tokens). Each engine starts with no multimodal flag at
+all, and serves a text prompt, a prompt with one image and one with two (and, for
+Gemma 4, is asked for a video it does not serve). Greedy tokens must equal Hugging
+Face's `generate` on the same chat and images (fp32), and each token's logprob
+HF's within 1e-4, as in test_vllm_generate.py.
+
+The first engine runs tpu-inference's warm-up (`SKIP_JAX_PRECOMPILE=0`), the path
+users run: it compiles the multimodal steps (`embed_input_ids`, the backbone on
+embeddings, our image encoder) before any request. The others skip it to save time.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from jaxllm.checkpoints import cached_checkpoint
+from multimodal_inputs import chat, images
+
+MAX_TOKENS = 12
+LOGPROB_ATOL = 1e-4
+
+CASES = {
+    # name: (arch, engine args, run tpu-inference's warm-up)
+    "gemma4-warmup": ("gemma4", {}, True),
+    "gemma4-tp2": ("gemma4", {"tensor_parallel_size": 2}, False),
+    "llama4": ("llama4", {}, False),
+    "llama4-tp2": ("llama4", {"tensor_parallel_size": 2}, False),
+}
+
+
+def requests(path):
+    """(vLLM prompt, HF processor inputs) for a text prompt and prompts with one and two images."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    out = []
+    for n in (0, 1, 2):
+        pictures = images(n, seed=n)
+        messages = chat(n, "Describe the image." if n else "Tell me a story about a robot.", pictures=pictures)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # As vLLM's chat endpoint does: the rendered template holds the special tokens.
+        prompt = {"prompt_token_ids": processor.tokenizer.encode(text, add_special_tokens=False)}
+        if n:
+            prompt["multi_modal_data"] = {"image": pictures}
+        hf_inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt")
+        out.append((prompt, hf_inputs))
+    return out
+
+
+def hf_greedy(path, hf_inputs_list):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    results = []
+    for inputs in hf_inputs_list:
+        inputs = dict(inputs)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.float32)  # Llama 4's processor makes bf16
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        logprobs = [float(torch.log_softmax(step[0].double(), -1)[t]) for step, t in zip(out.logits, tokens)]
+        results.append((inputs["input_ids"][0].tolist(), tokens, logprobs))
+    return results
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
+    from vllm import LLM, SamplingParams
+
+    arch, engine_args, warm_up = CASES[case]
+    monkeypatch.setenv("SKIP_JAX_PRECOMPILE", "0" if warm_up else "1")
+    path = cached_checkpoint(arch, "tiny", multimodal=True)
+    prompts = requests(path)
+    llm = LLM(model=str(path), max_model_len=512, max_num_seqs=4, dtype="float32", seed=0,
+              num_gpu_blocks_override=96, **engine_args)
+    try:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
+        outputs = llm.generate([prompt for prompt, _ in prompts], params)
+        if arch == "gemma4":  # vLLM's processor takes video for Gemma 4; ours refuses it, per request
+            video = np.zeros((2, 32, 32, 3), np.uint8)
+            with pytest.raises(ValueError, match=r"At most 0 video\(s\)"):
+                llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": video}}, params)
+            assert len(llm.generate(prompts[0][0], params)[0].outputs[0].token_ids) == MAX_TOKENS  # still serving
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    for output, (prompt_ids, tokens, logprobs) in zip(outputs, hf_greedy(path, [hf for _, hf in prompts])):
+        got = list(output.outputs[0].token_ids)
+        assert output.prompt_token_ids == prompt_ids  # vLLM expanded the image placeholders as HF does
+        assert got == tokens
+        got_logprobs = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, got)]
+        np.testing.assert_allclose(got_logprobs, logprobs, atol=LOGPROB_ATOL, rtol=0)
