@@ -166,3 +166,23 @@ def test_bad_combinations_fail_at_startup_or_warn(tmp_path, monkeypatch, caplog)
     monkeypatch.setenv(kv_plan.MODE_ENV, "sometimes")
     with pytest.raises(ValueError, match="JAXLLM_WINDOWED_KV_CACHE='sometimes'"):
         kv_cache.plan_for(runner_for(hybrid_off))
+
+
+def test_allocation_honours_num_gpu_blocks_override(tmp_path):
+    """With --num-gpu-blocks-override the buffers have exactly that many pages, whatever the budget."""
+    from vllm.v1.attention.backends.utils import record_kv_cache_layout
+    from vllm.v1.core.kv_cache_planning import get_kv_cache_configs
+
+    small = dict(GEMMA4_31B, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                 num_global_key_value_heads=1, global_head_dim=256, sliding_window=64)
+    vllm_config = engine_config(tmp_path, "gemma4", 16384, **small, engine={"num_gpu_blocks_override": 2400})
+    record_kv_cache_layout(vllm_config.cache_config, "LBNHC")
+    runner = runner_for(vllm_config)
+    plan = kv_cache.plan_for(runner)
+    kv_cache_config = get_kv_cache_configs(vllm_config, [plan.specs], [64 * 2**30])[0]
+    runner.kv_caches, runner.layer_name_to_kvcache_index = [], {}
+    manager = SimpleNamespace(runner=runner, shared_kv_cache_layers={},
+                              maybe_reinitialize_input_batch=lambda config: None)
+    kv_cache.allocate(manager, kv_cache_config, plan)
+    assert {cache.shape[0] for cache in runner.kv_caches} == {2400}
+    assert len(runner.layer_name_to_kvcache_index) == 12

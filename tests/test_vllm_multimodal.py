@@ -76,6 +76,7 @@ def hf_greedy(path, hf_inputs_list):
 @pytest.mark.parametrize("case", CASES)
 def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
     from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     arch, engine_args, warm_up = CASES[case]
     monkeypatch.setenv("SKIP_JAX_PRECOMPILE", "0" if warm_up else "1")
@@ -87,9 +88,10 @@ def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
         outputs = llm.generate([prompt for prompt, _ in prompts], params)
         if arch == "gemma4":  # vLLM's processor takes video for Gemma 4; ours refuses it, per request
-            video = np.zeros((2, 32, 32, 3), np.uint8)
-            with pytest.raises(ValueError, match=r"At most 0 video\(s\)"):
-                llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": video}}, params)
+            frames = np.zeros((2, 32, 32, 3), np.uint8)
+            metadata = {"total_num_frames": 2, "fps": 1.0, "duration": 2.0, "frames_indices": [0, 1]}
+            with pytest.raises(VLLMValidationError, match=r"At most 0 video\(s\)"):
+                llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": (frames, metadata)}}, params)
             assert len(llm.generate(prompts[0][0], params)[0].outputs[0].token_ids) == MAX_TOKENS  # still serving
     finally:
         llm.llm_engine.engine_core.shutdown()
