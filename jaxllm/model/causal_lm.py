@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from tpu_inference.utils import get_mesh_shape_product, to_jax_dtype
 
+from jaxllm.model.mlp import MoESetup
 from jaxllm.model.params import param
 from jaxllm.model.weights import Rule, load_checkpoint, resolve_model_dir, transpose
 
@@ -27,7 +28,9 @@ class CausalLM(nnx.Module):
     checkpoint_prefixes: tuple[str, ...] = ()  # stripped from tensor names (multimodal checkpoints)
     skipped_prefixes: tuple[str, ...] = ()     # tensors of parts we don't run (vision, audio)
 
-    def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh):
+    def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh, moe: MoESetup | None = None):
+        """`moe`: how the experts are laid out and run; by default what vLLM's flags ask for
+        (tests and benchmarks pass their own, e.g. the dense reference)."""
         model_config = vllm_config.model_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
@@ -35,6 +38,7 @@ class CausalLM(nnx.Module):
         # transformers' per-layer (heterogeneous) configs such as Gemma 4's raise on `==`.
         self.model_source = (model_config.model, model_config.revision)
         self.mesh = mesh
+        self.moe = moe or MoESetup.for_serving(vllm_config, mesh)
         self.config = config = self.config_class.from_hf(model_config.hf_config)
         self.dtype = dtype = to_jax_dtype(model_config.dtype)
         rngs = nnx.Rngs(rng_key)
