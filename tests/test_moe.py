@@ -234,3 +234,16 @@ def test_kernel_layout_is_tpu_inference_layout(backend, shards):
         getattr(MoEBackend, backend), w13_reorder_size=shards)
     np.testing.assert_array_equal(gmm_w13(gate, up, shards), np.asarray(theirs.w13_weight))
     np.testing.assert_array_equal(down, np.asarray(theirs.w2_weight))
+
+
+@pytest.mark.parametrize("tp, flag, expert_parallel", [(1, False, False), (4, False, False), (1, True, False),
+                                                       (4, True, True)])
+def test_vllm_flags_pick_the_layout(tp, flag, expert_parallel):
+    """--enable-expert-parallel splits whole experts once there is more than one device (tpu-inference's rule)."""
+    from types import SimpleNamespace
+
+    from vllm.config import ParallelConfig
+
+    config = SimpleNamespace(parallel_config=ParallelConfig(tensor_parallel_size=tp, enable_expert_parallel=flag))
+    moe = MoESetup.for_serving(config, auto_mesh(tp))
+    assert (moe.expert_parallel, moe.impl) == (expert_parallel, ExpertsImpl.ROUTED)

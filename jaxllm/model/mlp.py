@@ -33,10 +33,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from tpu_inference.utils import get_mesh_shape_product
+from vllm.logger import init_logger
 
 from jaxllm.model.norms import rms_normalize
 from jaxllm.model.params import ones, param
 from jaxllm.model.weights import Rule
+
+logger = init_logger("vllm.jaxllm.moe")
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -93,6 +96,7 @@ class MoESetup:
         return (None, None, Axis.MLP_TENSOR), (None, Axis.MLP_TENSOR, None)
 
     def check(self, num_experts: int, intermediate: int) -> None:
+        """Refuse layouts that don't divide evenly; say once which layout and path the experts use."""
         if self.expert_parallel:
             ways = get_mesh_shape_product(self.mesh, Axis.EXPERT)
             if num_experts % ways:
@@ -103,6 +107,8 @@ class MoESetup:
             if intermediate % ways:
                 raise ValueError(f"tensor parallelism over {ways} devices needs an expert width that is a multiple "
                                  f"of {ways}, not {intermediate} (--enable-expert-parallel splits whole experts)")
+        layout = "whole experts" if self.expert_parallel else "each expert's width"
+        logger.info_once("jaxllm: MoE experts run %s, %s split over %d device(s)", self.impl.value, layout, ways)
 
 
 def expert_rules(moe: MoESetup, source: str, target: str, gate_up: Callable, down: Callable) -> list[Rule]:
