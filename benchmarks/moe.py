@@ -117,7 +117,7 @@ def main() -> None:
             rng = np.random.default_rng(0)
             gate, up, down = weights(layer, moe, rng)
             options = dict(act=ACT, weight_inputs=layer.weight_inputs)
-            routed = jax.jit(functools.partial(routed_experts, **options, mesh=mesh, expert_parallel=expert_parallel))
+            routed = jax.jit(functools.partial(routed_experts, **options, moe=moe))
             dense = jax.jit(functools.partial(dense_experts, **options))
             for step, tokens in STEPS:
                 x, index, weight = routing(layer, tokens, rng)

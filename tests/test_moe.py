@@ -65,8 +65,7 @@ def test_routed_matches_dense(layout, tokens, kind, top_k, weight_inputs):
     gate, up, down = jax.device_put(gate, edf), jax.device_put(up, edf), jax.device_put(down, efd)
     act = ACTIVATIONS["silu"]
 
-    routed = jax.jit(lambda *a: routed_experts(*a, act=act, weight_inputs=weight_inputs, mesh=mesh,
-                                               expert_parallel=expert_parallel))
+    routed = jax.jit(lambda *a: routed_experts(*a, act=act, weight_inputs=weight_inputs, moe=moe))
     dense = jax.jit(lambda *a: dense_experts(*a, act=act, weight_inputs=weight_inputs))
     with jax.set_mesh(mesh):
         got = np.asarray(routed(x, index, weight, gate, up, down))

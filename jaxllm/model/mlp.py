@@ -146,24 +146,19 @@ class Experts(nnx.Module):
         weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         if self.moe.impl is ExpertsImpl.DENSE:
             return dense_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs)
-        return routed_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs,
-                              mesh=self.moe.mesh, expert_parallel=self.moe.expert_parallel)
+        return routed_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs, moe=self.moe)
 
 
-def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, mesh: Mesh,
-                   expert_parallel: bool) -> jax.Array:
+def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, moe: MoESetup) -> jax.Array:
     """The chosen experts only, each device running the pairs of the experts it holds (see `_local_experts`)."""
     tokens = P(Axis.MLP_DATA, None)
-    if expert_parallel:
-        edf = efd = P(Axis.EXPERT, None, None)
-        expert_axis, reduce_axis = Axis.EXPERT, Axis.EXPERT
-    else:
-        edf, efd = P(None, None, Axis.MLP_TENSOR), P(None, Axis.MLP_TENSOR, None)
-        expert_axis, reduce_axis = None, Axis.MLP_TENSOR
-    chunk = chunk_rows(index.size, gate.shape[0])
-    local = functools.partial(_local_experts, act=act, weight_inputs=weight_inputs, chunk=chunk,
-                              expert_axis=expert_axis, reduce_axis=reduce_axis)
-    return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, edf, edf, efd),
+    edf, efd = (P(*spec) for spec in moe.shardings())
+    expert_axis = Axis.EXPERT if moe.expert_parallel else None  # each device's own experts, else all of them
+    reduce_axis = Axis.EXPERT if moe.expert_parallel else Axis.MLP_TENSOR
+    local = functools.partial(_local_experts, act=act, weight_inputs=weight_inputs,
+                              chunk=chunk_rows(index.size, gate.shape[0]), expert_axis=expert_axis,
+                              reduce_axis=reduce_axis)
+    return jax.shard_map(local, mesh=moe.mesh, in_specs=(tokens, tokens, tokens, edf, edf, efd),
                          out_specs=tokens, check_vma=False)(x, index, weight, gate, up, down)
 
 
