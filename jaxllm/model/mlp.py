@@ -87,6 +87,15 @@ class MoESetup:
         expert_parallel = bool(pc.enable_expert_parallel) and (
             pc.data_parallel_size * pc.prefill_context_parallel_size * pc.tensor_parallel_size > 1)
         on_tpu = mesh.devices.flat[0].platform == "tpu"
+        if on_tpu:
+            from tpu_inference import envs
+
+            # Switches to tpu-inference's other MoE backends (fused_moe, megablox, dense_mat).
+            others = [name for name in ("USE_MOE_EP_KERNEL", "USE_UNFUSED_MEGABLOCKS", "USE_DENSE_MOE")
+                      if getattr(envs, name)]
+            if others:
+                logger.warning_once("jaxllm: %s ignored: jaxllm's experts run tpu-inference's %s", ", ".join(others),
+                                    "gmm_ep" if expert_parallel else "gmm_tp")
         return cls(mesh, expert_parallel, ExpertsImpl.TPU_GMM if on_tpu else ExpertsImpl.ROUTED)
 
     def shardings(self) -> tuple[tuple, tuple]:
