@@ -269,12 +269,9 @@ class GmmExperts(nnx.Module):
         self.activation = GMM_ACTIVATIONS[activation]
         shards = self.shards(moe)
         width = shards * _align(intermediate // shards, 128)
-        if moe.expert_parallel:
-            w13, w2 = (Axis.EXPERT, None, None), (Axis.EXPERT, None, None)
-        else:
-            w13, w2 = (None, None, Axis.MLP_TENSOR), (None, Axis.MLP_TENSOR, None)
-        self.w13 = param(rngs, (num_experts, hidden, 2 * width), dtype, w13)
-        self.w2 = param(rngs, (num_experts, intermediate, hidden), dtype, w2)
+        edf, efd = moe.shardings()  # as tpu-inference shards them for gmm_tp / gmm_ep
+        self.w13 = param(rngs, (num_experts, hidden, 2 * width), dtype, edf)
+        self.w2 = param(rngs, (num_experts, intermediate, hidden), dtype, efd)
 
     @staticmethod
     def shards(moe: MoESetup) -> int:
