@@ -33,12 +33,14 @@ def vllm_config(path, dtype="float32", max_model_len=256) -> VllmConfig:
     return VllmConfig(model_config=ModelConfig(model=str(path), dtype=dtype, max_model_len=max_model_len))
 
 
-def load_model(cls, path, *, mesh=None, dtype="float32", max_model_len=256):
-    """Build abstractly and load the checkpoint, as tpu-inference's loader does."""
+def load_model(cls, path, *, mesh=None, dtype="float32", max_model_len=256, moe=None):
+    """Build abstractly and load the checkpoint, as tpu-inference's loader does.
+
+    `moe`: the model's `MoESetup` (default: what vLLM's flags give, the routed path off TPU)."""
     mesh = mesh or auto_mesh()
     config = vllm_config(path, dtype, max_model_len)
     with jax.set_mesh(mesh):
-        model = nnx.eval_shape(lambda: cls(config, jax.random.key(0), mesh))
+        model = nnx.eval_shape(lambda: cls(config, jax.random.key(0), mesh, moe=moe))
         model.load_weights(jax.random.key(0))
     return model, mesh
 

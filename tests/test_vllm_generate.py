@@ -29,10 +29,18 @@ CASES = {
     "llama4-hf-overrides": ("llama4", {}, {"hf_overrides": {"architectures": ["JaxLlama4ForCausalLM"]}}),
     "llama4-tp2": ("llama4", {}, {"tensor_parallel_size": 2}),
     "llama4-tp4": ("llama4", {}, {"tensor_parallel_size": 4}),
+    # --enable-expert-parallel: each device holds whole experts (1 of the tiny models' 4 at TP 4).
+    "llama4-tp2-ep": ("llama4", {}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}),
+    "llama4-tp4-ep": ("llama4", {}, {"tensor_parallel_size": 4, "enable_expert_parallel": True}),
     "gemma4-dense": ("gemma4", {}, {}),
     "gemma4-moe": ("gemma4", {"enable_moe_block": True}, {}),
     "gemma4-tp2": ("gemma4", {}, {"tensor_parallel_size": 2}),
+    "gemma4-moe-tp2": ("gemma4", {"enable_moe_block": True}, {"tensor_parallel_size": 2}),
+    "gemma4-moe-tp2-ep": ("gemma4", {"enable_moe_block": True}, {"tensor_parallel_size": 2,
+                                                                  "enable_expert_parallel": True}),
     "gemma4-tp4": ("gemma4", {"enable_moe_block": True}, {"tensor_parallel_size": 4}),
+    "gemma4-tp4-ep": ("gemma4", {"enable_moe_block": True}, {"tensor_parallel_size": 4,
+                                                              "enable_expert_parallel": True}),
     # Text-only serving of a multimodal checkpoint: no image or video inputs.
     "gemma4-multimodal": ("gemma4", {"multimodal": True}, {"limit_mm_per_prompt": {"image": 0, "video": 0}}),
 }

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from tpu_inference.utils import get_mesh_shape_product, to_jax_dtype
 
+from jaxllm.model.mlp import MoESetup
 from jaxllm.model.params import param
 from jaxllm.model.weights import Rule, checkpoint_tensors, load_checkpoint, transpose
 
@@ -51,12 +52,15 @@ class CausalLM(nnx.Module):
     unserved_modalities: tuple[str, ...] = ()  # what vLLM's processor takes but we don't (refused per request)
     needs_token_ids = False                    # __call__ needs input_ids even with inputs_embeds
 
-    def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh):
+    def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh, moe: MoESetup | None = None):
+        """`moe`: how the experts are laid out and run; by default what vLLM's flags ask for
+        (tests and benchmarks pass their own, e.g. the dense reference)."""
         model_config = vllm_config.model_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
         self._vllm_config = _ByIdentity(vllm_config)
         self.mesh = mesh
+        self.moe = moe or MoESetup.for_serving(vllm_config, mesh)
         self.config = config = self.config_class.from_hf(model_config.hf_config)
         self.dtype = dtype = to_jax_dtype(model_config.dtype)
         rngs = nnx.Rngs(rng_key)

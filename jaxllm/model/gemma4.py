@@ -34,7 +34,7 @@ from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from jaxllm.attention.dispatch import attention
 from jaxllm.model.causal_lm import CausalLM
 from jaxllm.model.config import Gemma4Config, Gemma4LayerConfig
-from jaxllm.model.mlp import ACTIVATIONS, GatedMLP, Gemma4MoE
+from jaxllm.model.mlp import ACTIVATIONS, GatedMLP, Gemma4MoE, MoESetup, expert_rules
 from jaxllm.model.norms import RMSNormScaledInFP32, rms_normalize
 from jaxllm.model.params import ones, param
 from jaxllm.model.rope import apply_rope_split_half
@@ -80,7 +80,8 @@ class Gemma4Attention(nnx.Module):
 
 
 class Gemma4DecoderLayer(nnx.Module):
-    def __init__(self, config: Gemma4Config, i: int, kv_sharding, dtype, mesh: Mesh, rngs: nnx.Rngs):
+    def __init__(self, config: Gemma4Config, i: int, kv_sharding, dtype, mesh: Mesh, moe: MoESetup,
+                 rngs: nnx.Rngs):
         layer = config.layers[i]
         d, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNormScaledInFP32(d, eps, dtype)
@@ -94,7 +95,7 @@ class Gemma4DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm_1 = RMSNormScaledInFP32(d, eps, dtype)
             self.pre_feedforward_layernorm_2 = RMSNormScaledInFP32(d, eps, dtype)
             self.moe = Gemma4MoE(d, config.moe_intermediate_size, config.num_experts, config.top_k_experts,
-                                 config.hidden_activation, eps, dtype, rngs)
+                                 config.hidden_activation, eps, dtype, rngs, moe)
             self.post_feedforward_layernorm_2 = RMSNormScaledInFP32(d, eps, dtype)
         self.per_layer_input = bool(config.hidden_size_per_layer_input)
         if self.per_layer_input:
@@ -127,7 +128,8 @@ class JaxGemma4ForCausalLM(CausalLM):
 
     def build(self, config: Gemma4Config, dtype, mesh: Mesh, rngs: nnx.Rngs, max_model_len: int) -> None:
         self.layers = nnx.List([
-            Gemma4DecoderLayer(config, i, self.kv_head_sharding(layer.num_kv_heads, mesh), dtype, mesh, rngs)
+            Gemma4DecoderLayer(config, i, self.kv_head_sharding(layer.num_kv_heads, mesh), dtype, mesh, self.moe,
+                               rngs)
             for i, layer in enumerate(config.layers)])
         self.norm = RMSNormScaledInFP32(config.hidden_size, config.rms_norm_eps, dtype)
         if config.hidden_size_per_layer_input:
@@ -196,14 +198,8 @@ class JaxGemma4ForCausalLM(CausalLM):
             Rule(layer + r"router\.scale", ("layers.{0}.moe.router_scale",)),
             Rule(layer + r"router\.per_expert_scale", ("layers.{0}.moe.per_expert_scale",)),
             # Torch layouts [E, 2F, D] (gate rows, then up rows) and [E, D, F] -> ours [E, D, F] x2, [E, F, D].
-            Rule(layer + r"experts\.gate_up_proj", ("layers.{0}.moe.experts.gate_proj",
-                                                   "layers.{0}.moe.experts.up_proj"),
-                 lambda w: split_last(2)(w.transpose(0, 2, 1))),
-            Rule(layer + r"experts\.down_proj", ("layers.{0}.moe.experts.down_proj",),
-                 lambda w: (w.transpose(0, 2, 1),)),
-            # Per-expert checkpoints (as vLLM's loader also accepts): one torch Linear per expert.
-            Rule(layer + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", ("layers.{0}.moe.experts.{2}",),
-                 transpose, row="{1}"),
+            *expert_rules(self.moe, layer + r"experts\.", "layers.{0}.moe.experts.",
+                          lambda w: split_last(2)(w.transpose(0, 2, 1)), lambda w: (w.transpose(0, 2, 1),)),
             Rule(layer + r"(per_layer_input_gate|per_layer_projection)\.weight", ("layers.{0}.{1}",), transpose),
             Rule(r"embed_tokens_per_layer\.weight", ("embed_per_layer",)),
             Rule(r"per_layer_model_projection\.weight", ("per_layer_model_projection",), transpose),
@@ -218,6 +214,12 @@ class JaxGemma4ForCausalLM(CausalLM):
                 kv_rules.append(Rule(rf"layers\.{i}\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight", (),
                                      lambda w: ()))
         return kv_rules + rules
+
+    def load_weights(self, rng_key: jax.Array) -> None:
+        super().load_weights(rng_key)
+        for layer in self.layers:
+            if layer.enable_moe_block:
+                layer.moe.fold_per_expert_scale()
 
     def __call__(self, kv_caches, input_ids, attention_metadata, inputs_embeds=None, input_positions=None,
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):

@@ -20,7 +20,7 @@ from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from jaxllm.attention.dispatch import attention
 from jaxllm.model.causal_lm import CausalLM
 from jaxllm.model.config import Llama4Config
-from jaxllm.model.mlp import GatedMLP, Llama4MoE
+from jaxllm.model.mlp import GatedMLP, Llama4MoE, MoESetup, expert_rules
 from jaxllm.model.norms import RMSNorm, rms_normalize
 from jaxllm.model.params import param
 from jaxllm.model.rope import apply_rope_interleaved
@@ -61,13 +61,14 @@ class Llama4Attention(nnx.Module):
 
 
 class Llama4DecoderLayer(nnx.Module):
-    def __init__(self, config: Llama4Config, layer: int, chunk_size, kv_sharding, dtype, mesh, rngs):
+    def __init__(self, config: Llama4Config, layer: int, chunk_size, kv_sharding, dtype, mesh, moe: MoESetup,
+                 rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.attn = Llama4Attention(config, layer, chunk_size, kv_sharding, dtype, mesh, rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if layer in config.moe_layers:
             self.feed_forward = Llama4MoE(config.hidden_size, config.intermediate_size, config.num_experts,
-                                          config.num_experts_per_tok, dtype, rngs)
+                                          config.num_experts_per_tok, dtype, rngs, moe)
         else:
             self.feed_forward = GatedMLP(config.hidden_size, config.intermediate_size_mlp, "silu", dtype, rngs)
 
@@ -87,7 +88,8 @@ class JaxLlama4ForCausalLM(CausalLM):
         if chunk is not None and max_model_len <= chunk:
             chunk = None  # no sequence reaches a second chunk: plain causal attention is exact
         kv_sharding = self.kv_head_sharding(config.num_kv_heads, mesh)
-        self.layers = nnx.List([Llama4DecoderLayer(config, i, chunk, kv_sharding, dtype, mesh, rngs)
+        self.moe = Llama4MoE.setup_for(self.moe, config.num_experts_per_tok)
+        self.layers = nnx.List([Llama4DecoderLayer(config, i, chunk, kv_sharding, dtype, mesh, self.moe, rngs)
                                 for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -106,12 +108,9 @@ class JaxLlama4ForCausalLM(CausalLM):
             Rule(layer + r"self_attn\.o_proj\.weight", ("layers.{0}.attn.o_proj",), heads_out(c.num_heads)),
             Rule(ffn + r"(gate_proj|up_proj|down_proj)\.weight", ("layers.{0}.feed_forward.{1}",), transpose),
             Rule(ffn + r"router\.weight", ("layers.{0}.feed_forward.router",), transpose),
-            Rule(ffn + r"experts\.gate_up_proj", ("layers.{0}.feed_forward.experts.gate_proj",
-                                                  "layers.{0}.feed_forward.experts.up_proj"), split_last(2)),
-            Rule(ffn + r"experts\.down_proj", ("layers.{0}.feed_forward.experts.down_proj",)),
-            # Per-expert checkpoints (Llama 4 Maverick's FP8 release): one torch Linear per expert.
-            Rule(ffn + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
-                 ("layers.{0}.feed_forward.experts.{2}",), transpose, row="{1}"),
+            # Torch layouts [E, D, 2F] (gate, then up) and [E, F, D], as ours.
+            *expert_rules(self.moe, ffn + r"experts\.", "layers.{0}.feed_forward.experts.", split_last(2),
+                          lambda w: (w,)),
             Rule(ffn + r"shared_expert\.(gate_proj|up_proj|down_proj)\.weight",
                  ("layers.{0}.feed_forward.shared_expert.{1}",), transpose),
         ]

@@ -1,19 +1,53 @@
-"""Feed-forward blocks: the gated MLP and the Llama 4 / Gemma 4 mixtures of experts."""
+"""Feed-forward blocks: the gated MLP and the Llama 4 / Gemma 4 mixtures of experts.
+
+How routed experts run is fixed when the model is built (`MoESetup`, from vLLM's config):
+- `ROUTED` (everywhere but TPU): under `shard_map`, each device runs only the (token,
+  expert) pairs routed to its experts: pairs sorted by expert, each chosen expert's
+  rows in chunks through its weights, outputs scattered back to their tokens and
+  summed over the devices. Nothing is dropped: every pair runs, however skewed.
+- `TPU_GMM`: tpu-inference's grouped-matmul MoE (`fused_moe_func`, the `gmm_tp` /
+  `gmm_ep` backends its own models pick), with weights in its fused layout, made
+  from the checkpoint as it loads.
+- `DENSE`: every expert on every token, unchosen ones weighted 0 (`dense_experts`):
+  the reference that tests and benchmarks compare against, never served.
+
+Two layouts, as vLLM users pick them: by default experts are split like the dense
+MLP, each device holding every expert's 1/TP slice of F (tensor parallel); with
+`--enable-expert-parallel` each device holds E/TP whole experts. Either way the
+tokens are replicated over the devices and the expert outputs are summed over them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
+import math
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
+from tpu_inference.utils import get_mesh_shape_product
+from vllm.logger import init_logger
 
+from jaxllm import platform
 from jaxllm.model.norms import rms_normalize
 from jaxllm.model.params import ones, param
+from jaxllm.model.weights import CheckpointError, Rule, transpose
+
+logger = init_logger("vllm.jaxllm.moe")
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
+# The same activations by the names tpu-inference's fused GMM kernel takes (gate * act, then * up).
+GMM_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class GatedMLP(nnx.Module):
@@ -31,134 +65,294 @@ class GatedMLP(nnx.Module):
         return jnp.einsum("TF,FD->TD", self.act(gate) * up, self.down_proj[...])
 
 
+class ExpertsImpl(enum.Enum):
+    ROUTED = "routed"    # only the chosen experts, under shard_map; any backend
+    TPU_GMM = "tpu_gmm"  # tpu-inference's gmm_tp / gmm_ep kernels (TPU only)
+    DENSE = "dense"      # every expert on every token: the reference for tests and benchmarks
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESetup:
+    """How a model's experts are laid out over the mesh and computed."""
+
+    mesh: Mesh
+    expert_parallel: bool = False  # whole experts per device (--enable-expert-parallel), else F split
+    impl: ExpertsImpl = ExpertsImpl.ROUTED
+
+    @classmethod
+    def for_serving(cls, vllm_config, mesh: Mesh) -> MoESetup:
+        """What vLLM's flags ask for: tpu-inference's kernels on TPU, the routed path elsewhere."""
+        pc = vllm_config.parallel_config
+        # tpu-inference's rule for its own models (JaxRoutedExperts._compute_use_ep): the flag
+        # counts only when there is more than one device to spread experts over.
+        expert_parallel = bool(pc.enable_expert_parallel) and (
+            pc.data_parallel_size * pc.prefill_context_parallel_size * pc.tensor_parallel_size > 1)
+        on_tpu = platform.on_tpu()
+        if on_tpu:
+            from tpu_inference import envs
+
+            # Switches to tpu-inference's other MoE backends (fused_moe, megablox, dense_mat).
+            others = [name for name in ("USE_MOE_EP_KERNEL", "USE_UNFUSED_MEGABLOCKS", "USE_DENSE_MOE")
+                      if getattr(envs, name)]
+            if others:
+                logger.warning_once("jaxllm: %s ignored: jaxllm's experts run tpu-inference's %s", ", ".join(others),
+                                    "gmm_ep" if expert_parallel else "gmm_tp")
+        return cls(mesh, expert_parallel, ExpertsImpl.TPU_GMM if on_tpu else ExpertsImpl.ROUTED)
+
+    def shardings(self) -> tuple[tuple, tuple]:
+        """Shardings of the [E, D, F] and [E, F, D] weights: E over the expert axis, or F over the tensor axis."""
+        if self.expert_parallel:
+            return (Axis.EXPERT, None, None), (Axis.EXPERT, None, None)
+        return (None, None, Axis.MLP_TENSOR), (None, Axis.MLP_TENSOR, None)
+
+    def check(self, num_experts: int, intermediate: int) -> None:
+        """Refuse layouts that don't divide evenly; say once which layout and path the experts use."""
+        if self.expert_parallel:
+            ways = get_mesh_shape_product(self.mesh, Axis.EXPERT)
+            if num_experts % ways:
+                raise ValueError(f"expert parallelism over {ways} devices needs a multiple of {ways} experts, "
+                                 f"not {num_experts}")
+        else:
+            ways = get_mesh_shape_product(self.mesh, Axis.MLP_TENSOR)
+            if intermediate % ways:
+                raise ValueError(f"tensor parallelism over {ways} devices needs an expert width that is a multiple "
+                                 f"of {ways}, not {intermediate} (--enable-expert-parallel splits whole experts)")
+        layout = "whole experts" if self.expert_parallel else "each expert's width"
+        logger.info_once("jaxllm: MoE experts run %s, %s split over %d device(s)", self.impl.value, layout, ways)
+
+
+def expert_rules(moe: MoESetup, source: str, target: str, gate_up: Callable, down: Callable) -> list[Rule]:
+    """Checkpoint rules for one layer's experts (`source`: a regex prefix with one group, the layer;
+    `target`: the experts' path).
+
+    `gate_up(w)` turns the checkpoint's fused tensor into (gate [E, D, F], up [E, D, F]),
+    `down(w)` its down projection into ([E, F, D],); the layout picks the parameters.
+    Per-expert checkpoints (`experts.N.gate_proj.weight`, one torch Linear each, as Llama 4
+    Maverick's FP8 release has them) fill the stacked parameters one expert at a time.
+    """
+    per_expert = source + r"(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
+    if moe.impl is ExpertsImpl.TPU_GMM:
+        shards = GmmExperts.shards(moe)
+
+        def refuse(w):
+            raise CheckpointError("per-expert checkpoint tensors (experts.N.gate_proj.weight) are not supported with "
+                                  "tpu-inference's gmm kernels yet: use a checkpoint with fused experts "
+                                  "(experts.gate_up_proj)")
+        return [Rule(source + r"gate_up_proj", (target + "w13",), lambda w: (gmm_w13(*gate_up(w), shards),)),
+                Rule(source + r"down_proj", (target + "w2",), down),
+                Rule(per_expert, (target + "w13",), refuse)]
+    return [Rule(source + r"gate_up_proj", (target + "gate_proj", target + "up_proj"), gate_up),
+            Rule(source + r"down_proj", (target + "down_proj",), down),
+            Rule(per_expert, (target + "{2}",), transpose, row="{1}")]
+
+
 class Experts(nnx.Module):
-    """E gated MLPs with weights [E, ...], experts split over the expert-parallel axis."""
+    """E gated MLPs with weights [E, D, F] / [E, F, D], run routed (or densely, as a reference)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, moe: MoESetup):
+        moe.check(num_experts, intermediate)
         self.act = ACTIVATIONS[activation]
-        self.gate_proj = param(rngs, (num_experts, hidden, intermediate), dtype, (Axis.EXPERT, None, None))
-        self.up_proj = param(rngs, (num_experts, hidden, intermediate), dtype, (Axis.EXPERT, None, None))
-        self.down_proj = param(rngs, (num_experts, intermediate, hidden), dtype, (Axis.EXPERT, None, None))
+        self.moe = moe
+        edf, efd = moe.shardings()
+        self.gate_proj = param(rngs, (num_experts, hidden, intermediate), dtype, edf)
+        self.up_proj = param(rngs, (num_experts, hidden, intermediate), dtype, edf)
+        self.down_proj = param(rngs, (num_experts, intermediate, hidden), dtype, efd)
 
     def __call__(self, x: jax.Array, index: jax.Array, weight: jax.Array, *, weight_inputs: bool) -> jax.Array:
         """sum_j weight[t, j] * expert_{index[t, j]}(x[t]), or expert(weight * x[t]) if `weight_inputs`.
 
         `index`, `weight`: [T, k], each token's chosen experts and their weights.
-        With the experts on one device only the chosen experts run (`_routed`); with
-        the expert axis sharded every expert runs on every token (`_dense`), which
-        keeps expert parallelism a plain reduction over that axis.
         """
-        if _expert_axis_size() > 1:
-            dense = jnp.zeros((x.shape[0], self.gate_proj.shape[0]), jnp.float32)
-            dense = dense.at[jnp.arange(x.shape[0])[:, None], index].add(weight.astype(jnp.float32))
-            return self._dense(x, dense, weight_inputs)
-        return self._routed(x, index, weight, weight_inputs)
-
-    def _mlp(self, x: jax.Array, e: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[e]
-        up = x @ self.up_proj[e]
-        return (self.act(gate) * up) @ self.down_proj[e]
-
-    def _dense(self, x: jax.Array, weights: jax.Array, weight_inputs: bool) -> jax.Array:
-        """Every expert on every token, zero weights dropping the unchosen: E / top_k times the routed FLOPs."""
-        if weight_inputs:
-            x = jnp.einsum("TD,TE->ETD", x, weights.astype(x.dtype))
-            gate = jnp.einsum("ETD,EDF->ETF", x, self.gate_proj[...])
-            up = jnp.einsum("ETD,EDF->ETF", x, self.up_proj[...])
-            return jnp.einsum("ETF,EFD->TD", self.act(gate) * up, self.down_proj[...])
-        gate = jnp.einsum("TD,EDF->ETF", x, self.gate_proj[...])
-        up = jnp.einsum("TD,EDF->ETF", x, self.up_proj[...])
-        out = jnp.einsum("ETF,EFD->ETD", self.act(gate) * up, self.down_proj[...])
-        return jnp.einsum("ETD,TE->TD", out, weights.astype(out.dtype))
-
-    def _routed(self, x: jax.Array, index: jax.Array, weight: jax.Array, weight_inputs: bool) -> jax.Array:
-        """Token-expert pairs sorted by expert and cut into blocks of `block` rows, one expert per block.
-
-        A loop over the blocks actually used runs each block through its expert, so an
-        expert nobody chose is neither read nor computed. Shapes stay static: each
-        expert's rows are padded to whole blocks, and `num_blocks` bounds the total.
-        """
-        tokens, k = index.shape
-        num_experts = self.gate_proj.shape[0]
-        pairs = tokens * k
-        block = _block_rows(pairs, num_experts)
-        used_experts = min(num_experts, pairs)
-        num_blocks = (pairs + used_experts * (block - 1)) // block  # sum over experts of ceil(rows / block)
-
-        expert = index.reshape(-1)
-        order = jnp.argsort(expert, stable=True)
-        expert = expert[order]
-        token = (jnp.arange(pairs) // k)[order]
-        pair_weight = weight.reshape(-1)[order]
-        rows = jnp.bincount(expert, length=num_experts)
-        blocks = (rows + block - 1) // block
-        first_block = jnp.cumsum(blocks) - blocks
-        rank = jnp.arange(pairs) - (jnp.cumsum(rows) - rows)[expert]
-        slot = first_block[expert] * block + rank  # row of each pair in the padded layout
-        padded = num_blocks * block
-        slot_token = jnp.zeros(padded, jnp.int32).at[slot].set(token)
-        slot_weight = jnp.zeros(padded, jnp.float32).at[slot].set(pair_weight.astype(jnp.float32))
-        block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(num_blocks), side="right"),
-                                   num_experts - 1)
-
-        inputs = x[slot_token]
-        if weight_inputs:
-            inputs = inputs * slot_weight[:, None].astype(x.dtype)
-        inputs = inputs.reshape(num_blocks, block, -1)
-
-        def run_block(b, outputs):
-            return outputs.at[b].set(self._mlp(inputs[b], block_expert[b]))
-
-        # Padding rows have weight 0 and are dropped below; blocks past the used ones are skipped.
-        outputs = jax.lax.fori_loop(0, blocks.sum(), run_block, jnp.zeros_like(inputs))
-        outputs = outputs.reshape(padded, -1)
-        if weight_inputs:
-            outputs = jnp.where((slot_weight != 0)[:, None], outputs, 0)
-        else:
-            outputs = outputs * slot_weight[:, None].astype(outputs.dtype)
-        return jnp.zeros_like(x).at[slot_token].add(outputs.astype(x.dtype))
+        weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        if self.moe.impl is ExpertsImpl.DENSE:
+            return dense_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs)
+        return routed_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs, moe=self.moe)
 
 
-def _block_rows(pairs: int, num_experts: int) -> int:
-    """Rows per block of the routed dispatch (static: it depends on shapes only).
+def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, moe: MoESetup) -> jax.Array:
+    """The chosen experts only, each device running the pairs of the experts it holds (see `_local_experts`)."""
+    tokens = P(Axis.MLP_DATA, None)
+    edf, efd = (P(*spec) for spec in moe.shardings())
+    expert_axis = Axis.EXPERT if moe.expert_parallel else None  # each device's own experts, else all of them
+    reduce_axis = Axis.EXPERT if moe.expert_parallel else Axis.MLP_TENSOR
+    local = functools.partial(_local_experts, act=act, weight_inputs=weight_inputs,
+                              chunk=chunk_rows(index.size, gate.shape[0]), expert_axis=expert_axis,
+                              reduce_axis=reduce_axis)
+    return jax.shard_map(local, mesh=moe.mesh, in_specs=(tokens, tokens, tokens, edf, edf, efd),
+                         out_specs=tokens, check_vma=False)(x, index, weight, gate, up, down)
 
-    Few pairs (decode): reading weights dominates, so one block per chosen expert
-    (block = all pairs) reads each chosen expert once. Many pairs (prefill): FLOPs
-    dominate, so blocks about the size of an even expert share (a power of two,
-    16..256) keep padding below about one block per expert.
+
+def chunk_rows(pairs: int, num_experts: int) -> int:
+    """Rows each expert runs at a time: the largest power of two <= pairs / (2 * experts), 1 to 256.
+
+    An expert's last chunk is padded, so at most experts * (chunk - 1) <= pairs / 2
+    padding rows run: the compute stays within 1.5x of the routed FLOPs. Decode
+    batches (fewer pairs than twice the experts) run their rows one at a time, which
+    costs nothing there: each chosen expert's weights are read once either way.
     """
-    if pairs <= 64:
-        return pairs
-    share = -(-pairs // num_experts)
-    return min(256, max(16, 1 << (share - 1).bit_length()))
+    return 1 << min(8, max(0, (pairs // (2 * num_experts)).bit_length() - 1))
 
 
-def _expert_axis_size() -> int:
-    """Devices the expert weights are split over in the current mesh (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    names = Axis.EXPERT if isinstance(Axis.EXPERT, tuple) else (Axis.EXPERT,)
-    size = 1
-    for name in names:
-        if name in mesh.axis_names:
-            size *= mesh.shape[name]
-    return size
+def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chunk, expert_axis, reduce_axis):
+    """One device: its experts' pairs, sorted by expert, each expert's rows `chunk` at a time.
+
+    x: [T, D] (every token); index, weight: [T, k]; gate, up: [E_local, D, F_local],
+    down: [E_local, F_local, D]. With expert parallelism the device holds experts
+    [first, first + E_local) and pairs of other experts are skipped; with tensor
+    parallelism it holds every expert and a slice of F. Each holds a partial sum of
+    the output, summed over `reduce_axis`.
+    """
+    num_tokens, k = index.shape
+    local_experts = gate.shape[0]
+    first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * local_experts
+    expert = index.reshape(-1) - first
+    here = (expert >= 0) & (expert < local_experts)
+    expert = jnp.where(here, expert, local_experts)  # other devices' pairs sort last and never run
+    order = jnp.argsort(expert, stable=True)
+    token = order // k
+    pair_weight = jnp.where(here, weight.reshape(-1), 0)[order].astype(jnp.float32)
+    counts = jnp.bincount(expert, length=local_experts + 1)[:local_experts]
+    starts = jnp.cumsum(counts) - counts  # each expert's first row in sorted order
+
+    rows = x[token]
+    if weight_inputs:
+        rows = rows * pair_weight[:, None].astype(x.dtype)
+    # `chunk` spare rows, so the last chunk of the last expert stays inside the array.
+    rows = jnp.pad(rows, ((0, chunk), (0, 0)))
+    used = jnp.nonzero(counts, size=local_experts, fill_value=0)[0]  # the experts with rows, in order
+
+    def run_expert(i, out):
+        e = used[i]
+        g, u, d = gate[e], up[e], down[e]
+
+        def run_chunk(j, out):
+            # A chunk running past this expert's rows computes the next expert's first
+            # rows with these weights; the next expert, run later, overwrites them.
+            start = starts[e] + j * chunk
+            h = jax.lax.dynamic_slice_in_dim(rows, start, chunk)
+            h = act(jnp.einsum("TD,DF->TF", h, g)) * jnp.einsum("TD,DF->TF", h, u)
+            return jax.lax.dynamic_update_slice_in_dim(out, jnp.einsum("TF,FD->TD", h, d), start, axis=0)
+
+        return jax.lax.fori_loop(0, (counts[e] + chunk - 1) // chunk, run_chunk, out)
+
+    out = jax.lax.fori_loop(0, jnp.count_nonzero(counts), run_expert, jnp.zeros_like(rows))[:index.size]
+    out = out.astype(jnp.float32)
+    if not weight_inputs:
+        out = out * pair_weight[:, None]
+    out = jnp.where(here[order][:, None], out, 0)  # rows of other devices' pairs hold spill-over
+    combined = jnp.zeros((num_tokens, x.shape[1]), jnp.float32).at[token].add(out)
+    return jax.lax.psum(combined.astype(x.dtype), reduce_axis)
+
+
+def dense_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool) -> jax.Array:
+    """Every expert on every token, zero weights dropping the unchosen: E / top_k times the routed FLOPs.
+
+    The reference for the routed path (tests, benchmarks); sharded weights are left
+    to XLA's partitioner.
+    """
+    num_tokens, num_experts = x.shape[0], gate.shape[0]
+    weights = jnp.zeros((num_tokens, num_experts), jnp.float32)
+    weights = weights.at[jnp.arange(num_tokens)[:, None], index].add(weight.astype(jnp.float32))
+    if weight_inputs:
+        x = jnp.einsum("TD,TE->ETD", x, weights.astype(x.dtype))
+        h = act(jnp.einsum("ETD,EDF->ETF", x, gate)) * jnp.einsum("ETD,EDF->ETF", x, up)
+        return jnp.einsum("ETF,EFD->TD", h, down)
+    h = act(jnp.einsum("TD,EDF->ETF", x, gate)) * jnp.einsum("TD,EDF->ETF", x, up)
+    out = jnp.einsum("ETF,EFD->ETD", h, down)
+    return jnp.einsum("ETD,TE->TD", out, weights.astype(out.dtype))
+
+
+class GmmExperts(nnx.Module):
+    """Experts run by tpu-inference's grouped-matmul MoE on TPU, in the weight layout its kernels read.
+
+    The backend is the one tpu-inference's own models pick by default (`select_moe_backend`):
+    `gmm_tp` (F split over the tensor axis) or, with expert parallelism, `gmm_ep`.
+    `w13` [E, D, 2F'] holds gate and up side by side in each tensor-parallel shard, each
+    half padded to a multiple of 128 lanes; `w2` [E, F, D] is the down projection. The
+    kernel routes itself from the router logits (softmax or sigmoid, top-k, optional
+    renormalisation) and weights the expert *outputs*.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, dtype,
+                 rngs: nnx.Rngs, moe: MoESetup):
+        moe.check(num_experts, intermediate)
+        self.mesh, self.use_ep = moe.mesh, moe.expert_parallel
+        self.activation = GMM_ACTIVATIONS[activation]
+        shards = self.shards(moe)
+        width = shards * _align(intermediate // shards, 128)
+        edf, efd = moe.shardings()  # as tpu-inference shards them for gmm_tp / gmm_ep
+        self.w13 = param(rngs, (num_experts, hidden, 2 * width), dtype, edf)
+        self.w2 = param(rngs, (num_experts, intermediate, hidden), dtype, efd)
+
+    @staticmethod
+    def shards(moe: MoESetup) -> int:
+        """The tensor-parallel shards each expert's F is split into (1 with expert parallelism)."""
+        return 1 if moe.expert_parallel else get_mesh_shape_product(moe.mesh, Axis.MLP_TENSOR)
+
+    def __call__(self, x: jax.Array, logits: jax.Array, *, top_k: int, scoring: str, renormalize: bool):
+        from tpu_inference.layers.common.fused_moe_gmm import fused_moe_func
+
+        num_tokens = x.shape[0]
+        # The kernel wants tokens * top_k to be a multiple of 16; padding tokens are routed
+        # to expert 0 with weight 0 (`num_valid_tokens`) and cut off again.
+        pad = -num_tokens % (16 // math.gcd(16, top_k))
+        out = fused_moe_func(
+            jnp.pad(x, ((0, pad), (0, 0))), self.w13[...], self.w2[...], None, None, None, None,
+            jnp.pad(logits, ((0, pad), (0, 0))), topk=top_k, renormalize=renormalize, mesh=self.mesh,
+            use_ep=self.use_ep, activation=self.activation, scoring_fn=scoring,
+            num_valid_tokens=jnp.int32(num_tokens) if pad else None)
+        return out[:num_tokens]
+
+
+def gmm_w13(gate: np.ndarray, up: np.ndarray, shards: int) -> np.ndarray:
+    """gate, up [E, D, F] -> [E, D, shards * 2 * F'']: per shard its F / shards columns of
+    gate, then of up, each padded with zeros to F'' (a multiple of 128), as tpu-inference's
+    `process_moe_weights` lays out w13 for `gmm_tp` (shards = TP) and `gmm_ep` (1)."""
+    num_experts, hidden, width = gate.shape
+    local = width // shards
+    out = np.zeros((num_experts, hidden, shards, 2, _align(local, 128)), gate.dtype)
+    out[..., 0, :local] = gate.reshape(num_experts, hidden, shards, local)
+    out[..., 1, :local] = up.reshape(num_experts, hidden, shards, local)
+    return out.reshape(num_experts, hidden, -1)
+
+
+def _align(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class Llama4MoE(nnx.Module):
     """Sigmoid top-k router whose scores scale the expert *input*, plus an always-on shared expert."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, dtype, rngs: nnx.Rngs,
+                 moe: MoESetup):
         self.top_k = top_k
+        self.kernel = moe.impl is ExpertsImpl.TPU_GMM
         self.router = param(rngs, (hidden, num_experts), dtype, (None, None))
-        self.experts = Experts(num_experts, hidden, intermediate, "silu", dtype, rngs)
+        experts = GmmExperts if self.kernel else Experts
+        self.experts = experts(num_experts, hidden, intermediate, "silu", dtype, rngs, moe)
         self.shared_expert = GatedMLP(hidden, intermediate, "silu", dtype, rngs)
+
+    @staticmethod
+    def setup_for(moe: MoESetup, top_k: int) -> MoESetup:
+        """The kernels weight expert outputs. Llama 4 weights each expert's input, which only
+        top-1 can fold into the token itself; other top-k run the routed path on TPU too."""
+        if moe.impl is ExpertsImpl.TPU_GMM and top_k != 1:
+            return dataclasses.replace(moe, impl=ExpertsImpl.ROUTED)
+        return moe
 
     def __call__(self, x: jax.Array) -> jax.Array:
         logits = jnp.einsum("TD,DE->TE", x, self.router[...])
         top, index = jax.lax.top_k(logits, self.top_k)
         scores = jax.nn.sigmoid(top.astype(jnp.float32))
-        return self.shared_expert(x) + self.experts(x, index, scores, weight_inputs=True)
+        if self.kernel:
+            # Top-1: the token scaled by its score goes to the kernel, whose renormalised
+            # top-1 weight is exactly 1 (softmax keeps it > 0, unlike a saturated sigmoid).
+            routed = self.experts(x * scores.astype(x.dtype), logits.astype(jnp.float32), top_k=1,
+                                  scoring="softmax", renormalize=True)
+        else:
+            routed = self.experts(x, index, scores, weight_inputs=True)
+        return self.shared_expert(x) + routed
 
 
 class Gemma4MoE(nnx.Module):
@@ -170,21 +364,40 @@ class Gemma4MoE(nnx.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, activation: str,
-                 eps: float, dtype, rngs: nnx.Rngs):
+                 eps: float, dtype, rngs: nnx.Rngs, moe: MoESetup):
         self.top_k, self.eps, self.hidden = top_k, eps, hidden
+        self.kernel = moe.impl is ExpertsImpl.TPU_GMM
         self.router_proj = param(rngs, (hidden, num_experts), dtype, (None, None))
         self.router_scale = ones((hidden,), dtype)
+        # With the kernel, `per_expert_scale` is folded into `experts.w2` once loaded (and reset to 1).
         self.per_expert_scale = ones((num_experts,), dtype)
-        self.experts = Experts(num_experts, hidden, intermediate, activation, dtype, rngs)
+        experts = GmmExperts if self.kernel else Experts
+        self.experts = experts(num_experts, hidden, intermediate, activation, dtype, rngs, moe)
+
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        h = rms_normalize(x, self.eps) * self.router_scale[...].astype(x.dtype)
+        h = h * jnp.asarray(self.hidden ** -0.5, x.dtype)
+        return jnp.einsum("TD,DE->TE", h, self.router_proj[...]).astype(jnp.float32)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Each token's top-k experts [T, k] and their fp32 weights [T, k]."""
-        h = rms_normalize(x, self.eps) * self.router_scale[...].astype(x.dtype)
-        h = h * jnp.asarray(self.hidden ** -0.5, x.dtype)
-        probs = jax.nn.softmax(jnp.einsum("TD,DE->TE", h, self.router_proj[...]).astype(jnp.float32), axis=-1)
+        probs = jax.nn.softmax(self.router_logits(x), axis=-1)
         top, index = jax.lax.top_k(probs, self.top_k)
         top = top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[...].astype(jnp.float32)[index]
         return index, top
 
     def __call__(self, router_input: jax.Array, expert_input: jax.Array) -> jax.Array:
+        if self.kernel:
+            return self.experts(expert_input, self.router_logits(router_input), top_k=self.top_k,
+                                scoring="softmax", renormalize=True)
         return self.experts(expert_input, *self.route(router_input), weight_inputs=False)
+
+    def fold_per_expert_scale(self) -> None:
+        """Kernel layout, after loading: scale each expert's down projection by its `per_expert_scale`
+        (the kernel has no per-expert output scale; the down projection is linear, so this is exact)."""
+        if not self.kernel:
+            return
+        w2, scale = self.experts.w2, self.per_expert_scale
+        fold = jax.jit(lambda w, s: w * s.astype(w.dtype)[:, None, None], out_shardings=w2.get_value().sharding)
+        w2.set_value(fold(w2.get_value(), scale.get_value()))
+        scale.set_value(jnp.ones_like(scale.get_value()))
