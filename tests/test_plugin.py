@@ -171,3 +171,23 @@ def test_plain_architectures_resolve_to_ours_unless_opted_out(monkeypatch, famil
     builtin = lookup(SimpleNamespace(architectures=[family + "ForCausalLM"]))
     assert builtin.__module__.startswith("tpu_inference.models.jax")
     assert lookup(SimpleNamespace(architectures=["Jax" + family + "ForCausalLM"])) is ours["Jax" + family + "ForCausalLM"]
+
+
+def test_gemma4_multimodal_limits_refuse_audio_and_video_and_keep_images():
+    """Unserved modalities get limit 0 (vLLM refuses them per request); the image limit is spelled out,
+    since tpu-inference's runner turns multimodality off when every limit given is 0."""
+    from vllm.config import ModelConfig, VllmConfig
+
+    from jaxllm.checkpoints import cached_checkpoint
+    from jaxllm.vllm_plugin.multimodal import refuse_unserved_modalities
+
+    path = str(cached_checkpoint("gemma4", "tiny", multimodal=True))
+    config = VllmConfig(model_config=ModelConfig(model=path, max_model_len=256))  # the platform hook runs here
+    mm = config.model_config.multimodal_config
+    assert {m: mm.get_limit_per_prompt(m) for m in ("image", "audio", "video")} == {"image": 999, "audio": 0,
+                                                                                     "video": 0}
+    assert mm.limit_per_prompt["image"].count > 0
+    refuse_unserved_modalities(config)  # idempotent
+    assert mm.get_limit_per_prompt("video") == 0 and mm.get_limit_per_prompt("image") == 999
+    with pytest.raises(ValueError, match="audio=1: JaxGemma4ForConditionalGeneration serves image input, not audio"):
+        VllmConfig(model_config=ModelConfig(model=path, max_model_len=256, limit_mm_per_prompt={"audio": 1}))

@@ -35,33 +35,33 @@ CASES = {
 }
 
 
-def requests(path):
-    """(vLLM prompt, HF processor inputs) for a text prompt and prompts with one and two images."""
-    from transformers import AutoProcessor
+def conversations():
+    """A text prompt, and prompts with one and two images."""
+    return [chat(n, "Describe the image." if n else "Tell me a story about a robot.", pictures=images(n, seed=n))
+            for n in (0, 1, 2)]
+
+
+def vllm_prompt(tokenizer, messages) -> dict:
+    """As vLLM's chat endpoint does: the rendered template (which holds the special tokens), tokenized."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    pictures = [part["image"] for part in messages[0]["content"] if part["type"] == "image"]
+    if pictures:
+        prompt["multi_modal_data"] = {"image": pictures}
+    return prompt
+
+
+def hf_greedy(path, conversations_):
+    """HF's greedy tokens and logprobs. Run after the engine: torch's thread pool must not exist
+    when vLLM forks its engine core (a forked child then hangs in its first torch op)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    out = []
-    for n in (0, 1, 2):
-        pictures = images(n, seed=n)
-        messages = chat(n, "Describe the image." if n else "Tell me a story about a robot.", pictures=pictures)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # As vLLM's chat endpoint does: the rendered template holds the special tokens.
-        prompt = {"prompt_token_ids": processor.tokenizer.encode(text, add_special_tokens=False)}
-        if n:
-            prompt["multi_modal_data"] = {"image": pictures}
-        hf_inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True, return_tensors="pt")
-        out.append((prompt, hf_inputs))
-    return out
-
-
-def hf_greedy(path, hf_inputs_list):
-    from transformers import AutoModelForImageTextToText
-
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
     results = []
-    for inputs in hf_inputs_list:
-        inputs = dict(inputs)
+    for messages in conversations_:
+        inputs = dict(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt"))
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.float32)  # Llama 4's processor makes bf16
         with torch.no_grad():
@@ -80,24 +80,27 @@ def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
 
     arch, engine_args, warm_up = CASES[case]
     monkeypatch.setenv("SKIP_JAX_PRECOMPILE", "0" if warm_up else "1")
+    from transformers import AutoTokenizer
+
     path = cached_checkpoint(arch, "tiny", multimodal=True)
-    prompts = requests(path)
+    chats = conversations()
+    prompts = [vllm_prompt(AutoTokenizer.from_pretrained(path), messages) for messages in chats]
     llm = LLM(model=str(path), max_model_len=512, max_num_seqs=4, dtype="float32", seed=0,
               num_gpu_blocks_override=96, **engine_args)
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
-        outputs = llm.generate([prompt for prompt, _ in prompts], params)
+        outputs = llm.generate(prompts, params)
         if arch == "gemma4":  # vLLM's processor takes video for Gemma 4; ours refuses it, per request
             frames = np.zeros((2, 32, 32, 3), np.uint8)
             metadata = {"total_num_frames": 2, "fps": 1.0, "duration": 2.0, "frames_indices": [0, 1]}
             with pytest.raises(VLLMValidationError, match=r"At most 0 video\(s\)"):
                 llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": (frames, metadata)}}, params)
-            assert len(llm.generate(prompts[0][0], params)[0].outputs[0].token_ids) == MAX_TOKENS  # still serving
+            assert len(llm.generate(prompts[0], params)[0].outputs[0].token_ids) == MAX_TOKENS  # still serving
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    for output, (prompt_ids, tokens, logprobs) in zip(outputs, hf_greedy(path, [hf for _, hf in prompts])):
+    for output, (prompt_ids, tokens, logprobs) in zip(outputs, hf_greedy(path, chats)):
         got = list(output.outputs[0].token_ids)
         assert output.prompt_token_ids == prompt_ids  # vLLM expanded the image placeholders as HF does
         assert got == tokens

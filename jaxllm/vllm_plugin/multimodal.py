@@ -36,7 +36,7 @@ def install_all() -> None:
 
 def refuse_unserved_modalities(vllm_config) -> None:
     """Set the limit of every modality our model doesn't serve to 0 (or fail, where the user asked for it)."""
-    from vllm.config.multimodal import AudioDummyOptions, BaseDummyOptions, VideoDummyOptions
+    from vllm.config.multimodal import AudioDummyOptions, BaseDummyOptions, ImageDummyOptions, VideoDummyOptions
 
     from jaxllm.vllm_plugin.models import our_class
 
@@ -52,6 +52,10 @@ def refuse_unserved_modalities(vllm_config) -> None:
             raise ValueError(f"--limit-mm-per-prompt {modality}={asked.count}: {cls.__name__} serves image "
                              f"input, not {modality}; set it to 0 (or leave it out)")
         mm.limit_per_prompt[modality] = options.get(modality, BaseDummyOptions)(count=0)
+    if cls.unserved_modalities and "image" not in mm.limit_per_prompt:
+        # Spelled out: tpu-inference's runner turns multimodality off when every limit *given* is 0,
+        # and an image limit left out means vLLM's default (999), not 0.
+        mm.limit_per_prompt["image"] = ImageDummyOptions(count=mm.get_limit_per_prompt("image"))
     if cls.unserved_modalities:
         logger.info("jaxllm: %s refuses %s input (limit 0 per prompt)", cls.__name__,
                     " and ".join(cls.unserved_modalities))
