@@ -136,14 +136,14 @@ def test_checkpoint_builder_command_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, flags: list[str] = SERVER_FLAGS):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
         with open(log, "w") as f:
             self.process = subprocess.Popen(
                 ["bash", "examples/serve.sh", "--model", str(model), "--host", "127.0.0.1",
-                 "--port", str(self.port), *SERVER_FLAGS],
+                 "--port", str(self.port), *flags],
                 cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         self.model = str(model)
 
@@ -199,13 +199,12 @@ class Server:
         return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key="EMPTY", max_retries=0, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("serve")
+def serve(checkpoint, logs: Path, flags: list[str] = SERVER_FLAGS):
+    """A running server for a module's tests (a generator for a module fixture), stopped after them."""
     # The free port is only reserved once the server binds it; another process on the
     # host may take it in between, so try a few.
     for attempt in range(3):
-        server = Server(checkpoint, logs / f"server-{attempt}.log")
+        server = Server(checkpoint, logs / f"server-{attempt}.log", flags)
         try:
             ready = server.wait_ready()
             if ready is not None:
@@ -215,6 +214,11 @@ def server(checkpoint, tmp_path_factory):
         finally:
             _stop(server.process)
     pytest.fail("no free port for the server in 3 tries")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    yield from serve(checkpoint, tmp_path_factory.mktemp("serve"))
 
 
 def _greedy(**extra) -> dict:

@@ -10,6 +10,10 @@ HF's within 1e-4, as in test_vllm_generate.py.
 The first engine runs tpu-inference's warm-up (`SKIP_JAX_PRECOMPILE=0`), the path
 users run: it compiles the multimodal steps (`embed_input_ids`, the backbone on
 embeddings, our image encoder) before any request. The others skip it to save time.
+
+The engine core is spawned, not forked: the Hugging Face reference runs torch in this
+process between engines, and a forked child inherits torch's thread pool in a state
+where its first multithreaded op (batching the images' tensors) never returns.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
 
     arch, engine_args, warm_up = CASES[case]
     monkeypatch.setenv("SKIP_JAX_PRECOMPILE", "0" if warm_up else "1")
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from transformers import AutoTokenizer
 
     path = cached_checkpoint(arch, "tiny", multimodal=True)
