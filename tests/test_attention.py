@@ -753,3 +753,38 @@ def test_rejects_inconsistent_arguments():
         RPA(q, k, v, cache, *md, chunk_size=0)
     with pytest.raises(NotImplementedError):
         ragged_paged_attention(q, k, v, cache, *md, k_scale=2.0)
+
+
+def test_a_request_reads_pages_another_request_writes_in_the_same_step():
+    """vLLM's prefix cache hands out a block as soon as a scheduled step will fill it, so a request
+    with the same prefix can run in the same step as the request computing that prefix, reading
+    its pages. Request B's first 32 tokens are request A's first two pages, written by A now."""
+    rng = np.random.default_rng(0)
+    heads, page_size, num_pages = (4, 2, 128), 16, 16
+    a_len, shared, b_new = 40, 32, 8
+    q = rng.standard_normal((64, heads[0], heads[2]), np.float32)
+    k = rng.standard_normal((64, heads[1], heads[2]), np.float32)
+    v = rng.standard_normal((64, heads[1], heads[2]), np.float32)
+    layout = CacheLayout(heads[1], heads[2], 1)
+    cache = rng.standard_normal(layout.cache_shape(num_pages, page_size)).astype(np.float32)  # stale garbage
+    tables = np.zeros((4, 4), np.int32)
+    tables[0, :3] = [5, 9, 2]        # A: 40 tokens over three pages
+    tables[1, :3] = [5, 9, 11]       # B: A's first two pages, then its own
+    kv_lens = np.array([a_len, shared + b_new, 0, 0], np.int32)
+    cu = np.array([0, a_len, a_len + b_new, a_len + b_new, a_len + b_new], np.int32)
+    distribution = np.array([0, 0, 2], np.int32)
+    out, new_cache = RPA(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(cache), jnp.asarray(kv_lens),
+                         jnp.asarray(tables.reshape(-1)), jnp.asarray(cu), jnp.asarray(distribution), sm_scale=0.1)
+
+    # B attends causally to A's tokens 0..31 (this step's K/V) and to its own 8 new tokens.
+    keys = np.concatenate([k[:shared], k[a_len:a_len + b_new]])
+    values = np.concatenate([v[:shared], v[a_len:a_len + b_new]])
+    group = heads[0] // heads[1]
+    kk, vv = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
+    qb = q[a_len:a_len + b_new]
+    scores = np.einsum("qnh,knh->nqk", qb, kk) * 0.1
+    positions = shared + np.arange(b_new)
+    scores = np.where(np.arange(shared + b_new)[None, None, :] <= positions[None, :, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("nqk,knh->qnh", probs / probs.sum(-1, keepdims=True), vv)
+    np.testing.assert_allclose(np.asarray(out)[a_len:a_len + b_new], expected, rtol=1e-5, atol=1e-5)

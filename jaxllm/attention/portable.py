@@ -9,10 +9,15 @@ Request `r` owns pages `page_indices[r * pages_per_seq:]` holding its `kv_lens[r
 tokens, the new ones last. Each cache row (one token) is
 `[combined_slots // packing, packing, width]`; see `CacheLayout`.
 
-In place. The loops read the cache as it came in, with this step's new tokens
-overlaid from `keys`/`values`; the new tokens are scattered into it once, after
-the loops. So with the cache donated, as the runner donates it, XLA keeps one
-buffer and copies nothing.
+Write, then read. This step's new tokens are scattered into the cache first and
+the loops read the updated cache (each request's own new tokens also overlaid
+from `keys`/`values`, in fp32). A request may read pages another request of the
+same step writes: vLLM's prefix cache hands out blocks as soon as a scheduled step
+will fill them, so a request arriving with the same prefix can be scheduled beside
+the one computing it (as on GPU, where each layer writes its KV before attending).
+With the cache donated, as the runner donates it, the scatter is in place and XLA
+copies nothing. With `update_kv_cache=False` nothing is written and each request
+sees its own new tokens through the overlay.
 
 Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
 metadata, so work follows the tokens actually attended, not `max_model_len`:
@@ -162,6 +167,8 @@ def ragged_paged_attention(
     attend = _Attend(layout, batch, keys.astype(jnp.float32), values.astype(jnp.float32), page_size,
                      pages_per_block, tiling.query_block, masks, sm_scale, soft_cap, attention_sink, num_heads)
 
+    if update_kv_cache:
+        kv_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
     pad = max(tiling.decode_tile, tiling.query_block)
     q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -170,12 +177,7 @@ def ragged_paged_attention(
                    lambda out: attend.decode_rows(q, out, kv_cache, tile=1),
                    lambda out: attend.decode_rows(q, out, kv_cache, tile=tiling.decode_tile), out)
     out = attend.query_blocks(q, out, kv_cache)
-    out = out[:num_tokens].reshape(num_tokens, num_heads, head_dim)
-    if update_kv_cache:
-        # The barrier orders the write after every read of the cache, so it can be in place.
-        out, kv_cache = lax.optimization_barrier((out, kv_cache))
-        kv_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
-    return out, kv_cache
+    return out[:num_tokens].reshape(num_tokens, num_heads, head_dim), kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
