@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,7 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from tpu_inference.utils import get_mesh_shape_product, to_jax_dtype
 
+from jaxllm.attention.dispatch import on_tpu  # stand-in for jaxllm.platform.on_tpu
 from jaxllm.model.params import param
 from jaxllm.model.weights import Rule, load_checkpoint, resolve_model_dir, transpose
 
@@ -80,7 +83,32 @@ class CausalLM(nnx.Module):
             return slot, attention_metadata[f"layer.{i if metadata_layer is None else metadata_layer}"]
         return slot, attention_metadata
 
+    @staticmethod
+    def pad_lone_token(input_ids, inputs_embeds, attention_metadata):
+        """(tokens, inputs) with a step of one token given a copy of it as padding, off TPU.
+
+        XLA's CPU backend has no bf16 matrix-vector product: a dot with a single row
+        first converts the whole weight matrix to fp32, and its scheduler starts every
+        layer's conversions at once (a one-token step of Gemma 4 31B-2-layer shapes held
+        9 GiB of fp32 weight copies). From two rows on, its matrix-matrix kernel reads
+        bf16 weights as they are. The copy is padding for the attention (the batch's
+        `query_start_loc` ends before it): it writes no KV and its output is dropped;
+        being the same token, it picks the same experts. The runner pads steps to 16
+        tokens, so this only changes direct callers (benchmarks, tests).
+        """
+        tokens = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        if tokens != 1 or on_tpu():
+            return tokens, (input_ids, inputs_embeds, attention_metadata)
+        twice = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
+        pad = lambda md: dataclasses.replace(md, input_positions=twice(md.input_positions))  # noqa: E731
+        metadata = ({name: pad(md) for name, md in attention_metadata.items()}
+                    if isinstance(attention_metadata, dict) else pad(attention_metadata))
+        return tokens, (twice(input_ids), twice(inputs_embeds), metadata)
+
     def compute_logits(self, hidden_states: jax.Array) -> jax.Array:
+        rows = hidden_states.shape[0]
+        if rows == 1 and not on_tpu():  # one row: see `pad_lone_token` (the vocabulary in fp32: 5.3 GiB)
+            return self.compute_logits(jnp.concatenate([hidden_states, hidden_states]))[:1]
         if self.config.tie_word_embeddings:
             return jnp.einsum("TD,VD->TV", hidden_states, self.embed[...])
         return jnp.einsum("TD,DV->TV", hidden_states, self.lm_head[...])

@@ -204,6 +204,8 @@ class JaxGemma4ForCausalLM(CausalLM):
     def __call__(self, kv_caches, input_ids, attention_metadata, inputs_embeds=None, input_positions=None,
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):
         c = self.config
+        num_tokens, (input_ids, inputs_embeds, attention_metadata) = self.pad_lone_token(
+            input_ids, inputs_embeds, attention_metadata)
         if input_ids is not None and c.placeholder_token_ids:
             # No image/audio features replace these placeholders here: like transformers, embed them as padding.
             placeholder = jnp.isin(input_ids, jnp.asarray(c.placeholder_token_ids, input_ids.dtype))
@@ -224,7 +226,7 @@ class JaxGemma4ForCausalLM(CausalLM):
                                            donor_kv.get(spec.kv_donor), None if per_layer is None else per_layer[:, i])
             if i in c.kv_donors:
                 donor_kv[i] = kv
-        return kv_caches, self.norm(x), [], None
+        return kv_caches, self.norm(x[:num_tokens]), [], None
 
 
 class JaxGemma4ForConditionalGeneration(JaxGemma4ForCausalLM):

@@ -118,12 +118,14 @@ class JaxLlama4ForCausalLM(CausalLM):
 
     def __call__(self, kv_caches, input_ids, attention_metadata, inputs_embeds=None, input_positions=None,
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):
+        num_tokens, (input_ids, inputs_embeds, attention_metadata) = self.pad_lone_token(
+            input_ids, inputs_embeds, attention_metadata)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         kv_caches = list(kv_caches)
         for i, layer in enumerate(self.layers):
             slot, metadata = self.layer_cache(i, layer_name_to_kvcache_index, attention_metadata)
             kv_caches[slot], x = layer(kv_caches[slot], x, metadata.input_positions, metadata)
-        return kv_caches, self.norm(x), [], None
+        return kv_caches, self.norm(x[:num_tokens]), [], None
 
 
 class JaxLlama4ForConditionalGeneration(JaxLlama4ForCausalLM):
