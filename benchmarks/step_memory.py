@@ -7,7 +7,9 @@ arguments (weights, caches, metadata), outputs, and temporaries (everything XLA
 allocates inside the step). The goal is temporaries that follow the tokens in the
 batch, not the size of the weights, the cache, the vocabulary or the experts.
 
-    python benchmarks/step_memory.py [--models gemma4-31b,...] [--dtypes bfloat16,float32]
+    python benchmarks/step_memory.py [--models gemma4-31b,...] [--dtypes bfloat16,float32] [--steps ...]
+                                     [--tp N]        # tensor parallel on N simulated devices: sizes per device
+                                     [--init]        # also the dummy-weight init program (load_format="dummy")
                                      [--buffers N]   # also list the N biggest temporaries of each step
 """
 
@@ -22,11 +24,15 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # for --tp
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import fmt, machine, table  # noqa: E402
@@ -85,21 +91,36 @@ def write_config(name: str, directory: str | Path, layers: int | None = None) ->
     return directory
 
 
-def abstract_model(checkpoint: str | Path, dtype: str, max_model_len: int):
-    """The model with abstract parameters (shapes and dtypes only), on a one-device mesh."""
+def abstract_model(checkpoint: str | Path, dtype: str, max_model_len: int, tp: int = 1):
+    """The model with abstract parameters (shapes, dtypes and shardings only), on a (1, tp) mesh."""
     from vllm.config import ModelConfig, VllmConfig
 
     from jaxllm.vllm_plugin.models import DEFAULT_FOR, our_models
 
     arch = json.loads((Path(checkpoint) / "config.json").read_text())["architectures"][0]
     cls = our_models()[DEFAULT_FOR.get(arch, arch)]
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"),
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:tp]).reshape(1, tp), ("data", "model"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
     config = VllmConfig(model_config=ModelConfig(model=str(checkpoint), dtype=dtype, max_model_len=max_model_len,
                                                  skip_tokenizer_init=True))
     with jax.set_mesh(mesh):
         model = nnx.eval_shape(lambda: cls(config, jax.random.key(0), mesh))
-    return model, mesh
+    return model, mesh, lambda: cls(config, jax.random.key(0), mesh)
+
+
+def lower_dummy_init(create, mesh):
+    """tpu-inference's `load_format="dummy"` path: the whole model created in one jitted program, sharded."""
+    def init():
+        state = nnx.state(create())
+        return jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state))
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init).lower()
+
+
+def _sharded(tree, specs, mesh):
+    return jax.tree.map(lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+                        tree, specs)
 
 
 def lower_step(model, mesh, *, q_lens: list[int], context: int, max_reqs: int, max_model_len: int):
@@ -108,6 +129,7 @@ def lower_step(model, mesh, *, q_lens: list[int], context: int, max_reqs: int, m
 
     from jaxllm.attention import CacheLayout
 
+    tp = mesh.shape["model"]
     pages_per_req = -(-max_model_len // PAGE_SIZE)
     num_pages = max_reqs * pages_per_req
     packing = 4 // jnp.dtype(model.dtype).itemsize
@@ -116,14 +138,17 @@ def lower_step(model, mesh, *, q_lens: list[int], context: int, max_reqs: int, m
     slot_of = {layer: n for n, layer in enumerate(owners)}
     slot_of.update({i: slot_of[s.kv_donor] for i, s in enumerate(specs) if s.kv_donor is not None})
     layer_slots = tuple((f"layer.{i}", slot_of[i]) for i in range(len(specs)))
-    caches = [jax.ShapeDtypeStruct(CacheLayout(specs[i].num_kv_heads, specs[i].head_dim, packing)
-                                   .cache_shape(num_pages, PAGE_SIZE), model.dtype) for i in owners]
+    # KV heads sharded over the tensor axis, replicated up to it when fewer (as the runner sizes the cache).
+    caches = [jax.ShapeDtypeStruct(CacheLayout(max(specs[i].num_kv_heads, tp), specs[i].head_dim, packing)
+                                   .cache_shape(num_pages, PAGE_SIZE), model.dtype,
+                                   sharding=NamedSharding(mesh, P(None, None, "model"))) for i in owners]
 
     total = sum(q_lens)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     metadata = AttentionMetadata(input_positions=i32(total), block_tables=i32(num_pages), seq_lens=i32(max_reqs),
                                  query_start_loc=i32(max_reqs + 1), request_distribution=i32(3))
     graphdef, state = nnx.split(model)
+    state = _sharded(state, nnx.get_partition_spec(state), mesh)
 
     def step(state, caches, ids, metadata, logits_rows):
         m = nnx.merge(graphdef, state)
@@ -142,14 +167,14 @@ STEPS = {  # name -> (new tokens per request, context)
 }
 
 
-def biggest_temporaries(lowered, count: int) -> list[tuple[int, str]]:
+def biggest_temporaries(lowered, count: int, options: dict | None = None) -> list[tuple[int, str]]:
     """(bytes, description) of the largest values in the step's temporary buffer, from XLA's buffer assignment.
 
     Compiles `lowered` once more with the HLO dump on; each value is named by its HLO
     instruction, its shape and the JAX operation it came from (the HLO metadata).
     """
     with tempfile.TemporaryDirectory() as dump:
-        lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        lowered.compile(compiler_options={**(options or {}), "xla_dump_to": dump, "xla_dump_hlo_as_text": True})
         files = os.listdir(dump)
         assignment = next(f for f in files if f.endswith("cpu_after_optimizations-buffer-assignment.txt"))
         hlo = next(f for f in files if f.endswith("cpu_after_optimizations.txt"))
@@ -179,27 +204,36 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--max-reqs", type=int, default=4)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallelism on simulated devices; sizes per device")
+    parser.add_argument("--init", action="store_true", help="also the dummy-weight init program")
+    parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an XLA compile option for every program, e.g. "
+                             "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
     parser.add_argument("--buffers", type=int, default=0)
     args = parser.parse_args()
+    options = dict(option.split("=", 1) for option in args.xla_option)
     print(machine())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             checkpoint = write_config(name, Path(tmp) / name)
             for dtype in args.dtypes.split(","):
-                model, mesh = abstract_model(checkpoint, dtype, args.max_model_len)
-                for step in args.steps.split(","):
-                    q_lens, context = STEPS[step]
-                    lowered = lower_step(model, mesh, q_lens=q_lens, context=context, max_reqs=args.max_reqs,
-                                         max_model_len=args.max_model_len)
-                    mem = lowered.compile().memory_analysis()
-                    rows.append([name, dtype, step, fmt(mem.argument_size_in_bytes / GIB),
+                model, mesh, create = abstract_model(checkpoint, dtype, args.max_model_len, args.tp)
+                for step in (["dummy init"] if args.init else []) + args.steps.split(","):
+                    if step == "dummy init":
+                        lowered = lower_dummy_init(create, mesh)
+                    else:
+                        q_lens, context = STEPS[step]
+                        lowered = lower_step(model, mesh, q_lens=q_lens, context=context, max_reqs=args.max_reqs,
+                                             max_model_len=args.max_model_len)
+                    mem = lowered.compile(compiler_options=options).memory_analysis()
+                    rows.append([name, dtype, args.tp, step, fmt(mem.argument_size_in_bytes / GIB),
                                  fmt(mem.output_size_in_bytes / GIB), fmt(mem.alias_size_in_bytes / GIB),
                                  fmt(mem.temp_size_in_bytes / GIB)])
-                    print(" | ".join(rows[-1]), flush=True)
-                    for size, what in ( biggest_temporaries(lowered, args.buffers) if args.buffers else ()):
+                    print(" | ".join(map(str, rows[-1])), flush=True)
+                    for size, what in ( biggest_temporaries(lowered, args.buffers, options) if args.buffers else ()):
                         print(f"    {size / 2 ** 20:9.1f} MiB  {what}")
-    print(table(["model", "dtype", "step", "arguments GiB", "outputs GiB", "aliased GiB", "temporaries GiB"], rows))
+    print(table(["model", "dtype", "TP", "step", "arguments GiB", "outputs GiB", "aliased GiB", "temporaries GiB"], rows))
 
 
 if __name__ == "__main__":
