@@ -231,7 +231,7 @@ def main() -> None:
                                  fmt(mem.output_size_in_bytes / GIB), fmt(mem.alias_size_in_bytes / GIB),
                                  fmt(mem.temp_size_in_bytes / GIB)])
                     print(" | ".join(map(str, rows[-1])), flush=True)
-                    for size, what in ( biggest_temporaries(lowered, args.buffers, options) if args.buffers else ()):
+                    for size, what in biggest_temporaries(lowered, args.buffers, options) if args.buffers else ():
                         print(f"    {size / 2 ** 20:9.1f} MiB  {what}")
     print(table(["model", "dtype", "TP", "step", "arguments GiB", "outputs GiB", "aliased GiB", "temporaries GiB"], rows))
 
