@@ -11,6 +11,7 @@ batch, not the size of the weights, the cache, the vocabulary or the experts.
                                      [--tp N]        # tensor parallel on N simulated devices: sizes per device
                                      [--init]        # also the dummy-weight init program (load_format="dummy")
                                      [--buffers N]   # also list the N biggest temporaries of each step
+                                     [--xla-option NAME=VALUE]  # compile every program with this XLA option
 """
 
 from __future__ import annotations
