@@ -130,6 +130,15 @@ def test_prefill_then_decode_matches_longer_prefill(case):
         np.testing.assert_allclose(logits[0], case.seq_logits[position], atol=ATOL, rtol=0)
 
 
+def test_unpadded_one_token_steps_match_hf(case):
+    """Steps of a single token with no padding (the runner pads to 16, the benchmarks' driver doesn't)."""
+    request = case.engine.add(SEQ)
+    case.engine.step([(request, 9)], pad_to=PAD, grouped=True)
+    for position in range(9, 12):
+        (logits,) = case.engine.step([(request, 1)], grouped=True)
+        np.testing.assert_allclose(logits[0], case.seq_logits[position], atol=ATOL, rtol=0)
+
+
 def test_ragged_batch_matches_hf(case):
     """One step mixing a decode, a chunked-prefill continuation and a fresh prefill, padded."""
     engine = case.engine

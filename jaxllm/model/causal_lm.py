@@ -43,6 +43,15 @@ class _ByIdentity:
     value: object
 
 
+def merge_heads(out: jax.Array, o_proj: jax.Array) -> jax.Array:
+    """The attention output projection, "TNH,NHD->TD", contracting N then H as they lie in memory.
+
+    `jnp.einsum` lists contracted axes alphabetically (H, N); XLA's CPU backend then
+    transposes both operands, which copies the whole o_proj weight at every step.
+    """
+    return jax.lax.dot_general(out, o_proj, (((1, 2), (0, 1)), ((), ())))
+
+
 class CausalLM(nnx.Module):
     config_class: type                         # a dataclass with `from_hf(hf_config)`
     checkpoint_prefixes: tuple[str, ...] = ()  # stripped from tensor names (multimodal checkpoints)

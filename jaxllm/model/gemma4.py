@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 
 from jaxllm.attention.dispatch import attention
-from jaxllm.model.causal_lm import CausalLM
+from jaxllm.model.causal_lm import CausalLM, merge_heads
 from jaxllm.model.config import Gemma4Config, Gemma4LayerConfig
 from jaxllm.model.mlp import ACTIVATIONS, GatedMLP, Gemma4MoE, MoESetup, expert_rules
 from jaxllm.model.norms import RMSNormScaledInFP32, rms_normalize
@@ -76,7 +76,7 @@ class Gemma4Attention(nnx.Module):
             k, v = donor_kv
         out, kv_cache = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=1.0,
                                   sliding_window=self.sliding_window, update_kv_cache=layer.kv_donor is None)
-        return kv_cache, (k, v), jnp.einsum("TNH,NHD->TD", out, self.o_proj[...])
+        return kv_cache, (k, v), merge_heads(out, self.o_proj[...])
 
 
 class Gemma4DecoderLayer(nnx.Module):

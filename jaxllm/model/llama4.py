@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 
 from jaxllm.attention.dispatch import attention
-from jaxllm.model.causal_lm import CausalLM
+from jaxllm.model.causal_lm import CausalLM, merge_heads
 from jaxllm.model.config import Llama4Config
 from jaxllm.model.mlp import GatedMLP, Llama4MoE, MoESetup, expert_rules
 from jaxllm.model.norms import RMSNorm, rms_normalize
@@ -57,7 +57,7 @@ class Llama4Attention(nnx.Module):
             q = (q * scale[:, None, None].astype(q.dtype)).astype(q.dtype)
         out, kv_cache = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=c.head_dim ** -0.5,
                                   chunk_size=self.chunk_size)
-        return kv_cache, jnp.einsum("TNH,NHD->TD", out, self.o_proj[...])
+        return kv_cache, merge_heads(out, self.o_proj[...])
 
 
 class Llama4DecoderLayer(nnx.Module):
