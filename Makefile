@@ -9,7 +9,7 @@ PORT ?= 8000
 # Extra flags for the examples, e.g. make demo ARGS="--size small --num-prompts 64"
 ARGS ?=
 
-.PHONY: venv demo serve client test bench clean-venv-link
+.PHONY: venv demo serve client test smoke bench clean-venv-link
 
 venv:
 	@bash tools/venv.sh
@@ -26,6 +26,10 @@ client: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The published Llama 4 / Gemma 4 shapes (layers cut) through vllm.LLM at TP 8 and 4: about 30 minutes.
+smoke: venv
+	$(PY) tests/real_shapes.py $(ARGS)
 
 bench: venv
 	$(PY) benchmarks/run_all.py
