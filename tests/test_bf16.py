@@ -68,3 +68,4 @@ def test_bf16_logprobs_are_as_close_to_hf_bf16_as_bf16_is_to_fp32(case):
     top2 = np.sort(reference, -1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * distance.max()
     np.testing.assert_array_equal(ours.argmax(-1)[clear], reference.argmax(-1)[clear])
+

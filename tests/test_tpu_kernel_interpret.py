@@ -70,6 +70,9 @@ def tpu_branch(monkeypatch):
     # plugin.register() (run by other test modules) puts the portable kernel in their place.
     monkeypatch.setattr(attention_interface, "ragged_paged_attention", tpu_rpa.ragged_paged_attention)
     monkeypatch.setattr(attention_interface, "ragged_paged_attention_hd64", tpu_rpa_hd64.ragged_paged_attention_hd64)
+    # JAX keeps traced programs of earlier tests (test_attention.py's, with the portable kernel
+    # swapped in); those would be reused here and no Pallas kernel would run.
+    jax.clear_caches()
 
     def run(case, cache=None, *, mesh_shape=(1, 1), **opts):
         layer = jax.jit(functools.partial(dispatch.attention, mesh=_mesh(mesh_shape),
