@@ -23,6 +23,7 @@ from jaxllm.model.config import Llama4Config
 from jaxllm.model.mlp import GatedMLP, Llama4MoE
 from jaxllm.model.norms import RMSNorm, rms_normalize
 from jaxllm.model.params import param
+from jaxllm.model.quantization import scale_rows
 from jaxllm.model.rope import apply_rope_interleaved
 from jaxllm.model.weights import Rule, heads_in, heads_out, split_last, transpose
 
@@ -111,6 +112,9 @@ class JaxLlama4ForCausalLM(CausalLM):
             # Per-expert checkpoints (Llama 4 Maverick's FP8 release): one torch Linear per expert.
             Rule(ffn + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight",
                  ("layers.{0}.feed_forward.experts.{2}",), transpose, row="{1}"),
+            # ... with FP8 values, each with its scale per output channel (`checkpoint_quantization`).
+            Rule(ffn + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight_scale",
+                 ("layers.{0}.feed_forward.experts.{2}.array.scale",), scale_rows, row="{1}"),
             Rule(ffn + r"shared_expert\.(gate_proj|up_proj|down_proj)\.weight",
                  ("layers.{0}.feed_forward.shared_expert.{1}",), transpose),
         ]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 
+from jaxllm.model import quantization
 from jaxllm.model.norms import rms_normalize
 from jaxllm.model.params import ones, param
 
@@ -49,30 +52,34 @@ class Experts(nnx.Module):
         the expert axis sharded every expert runs on every token (`_dense`), which
         keeps expert parallelism a plain reduction over that axis.
         """
+        w = quantization.expert_weights(self)  # plain, or quantized (an FP8 checkpoint, Qwix rules)
         if _expert_axis_size() > 1:
             dense = jnp.zeros((x.shape[0], self.gate_proj.shape[0]), jnp.float32)
             dense = dense.at[jnp.arange(x.shape[0])[:, None], index].add(weight.astype(jnp.float32))
-            return self._dense(x, dense, weight_inputs)
-        return self._routed(x, index, weight, weight_inputs)
+            return self._dense(x, dense, weight_inputs, w)
+        return self._routed(x, index, weight, weight_inputs, w)
 
-    def _mlp(self, x: jax.Array, e: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[e]
-        up = x @ self.up_proj[e]
-        return (self.act(gate) * up) @ self.down_proj[e]
+    def _mlp(self, x: jax.Array, e: jax.Array, w: quantization.ExpertWeights) -> jax.Array:
+        mm = functools.partial(quantization.expert_einsum, act_rule=w.act_rule)
+        gate = mm("TD,DF->TF", x, w.gate_proj[e])
+        up = mm("TD,DF->TF", x, w.up_proj[e])
+        return mm("TF,FD->TD", self.act(gate) * up, w.down_proj[e])
 
-    def _dense(self, x: jax.Array, weights: jax.Array, weight_inputs: bool) -> jax.Array:
+    def _dense(self, x: jax.Array, weights: jax.Array, weight_inputs: bool, w: quantization.ExpertWeights) -> jax.Array:
         """Every expert on every token, zero weights dropping the unchosen: E / top_k times the routed FLOPs."""
+        mm = functools.partial(quantization.expert_einsum, act_rule=w.act_rule)
         if weight_inputs:
             x = jnp.einsum("TD,TE->ETD", x, weights.astype(x.dtype))
-            gate = jnp.einsum("ETD,EDF->ETF", x, self.gate_proj[...])
-            up = jnp.einsum("ETD,EDF->ETF", x, self.up_proj[...])
-            return jnp.einsum("ETF,EFD->TD", self.act(gate) * up, self.down_proj[...])
-        gate = jnp.einsum("TD,EDF->ETF", x, self.gate_proj[...])
-        up = jnp.einsum("TD,EDF->ETF", x, self.up_proj[...])
-        out = jnp.einsum("ETF,EFD->ETD", self.act(gate) * up, self.down_proj[...])
+            gate = mm("ETD,EDF->ETF", x, w.gate_proj)
+            up = mm("ETD,EDF->ETF", x, w.up_proj)
+            return mm("ETF,EFD->TD", self.act(gate) * up, w.down_proj)
+        gate = mm("TD,EDF->ETF", x, w.gate_proj)
+        up = mm("TD,EDF->ETF", x, w.up_proj)
+        out = mm("ETF,EFD->ETD", self.act(gate) * up, w.down_proj)
         return jnp.einsum("ETD,TE->TD", out, weights.astype(out.dtype))
 
-    def _routed(self, x: jax.Array, index: jax.Array, weight: jax.Array, weight_inputs: bool) -> jax.Array:
+    def _routed(self, x: jax.Array, index: jax.Array, weight: jax.Array, weight_inputs: bool,
+                w: quantization.ExpertWeights) -> jax.Array:
         """Token-expert pairs sorted by expert and cut into blocks of `block` rows, one expert per block.
 
         A loop over the blocks actually used runs each block through its expert, so an
@@ -108,7 +115,7 @@ class Experts(nnx.Module):
         inputs = inputs.reshape(num_blocks, block, -1)
 
         def run_block(b, outputs):
-            return outputs.at[b].set(self._mlp(inputs[b], block_expert[b]))
+            return outputs.at[b].set(self._mlp(inputs[b], block_expert[b], w))
 
         # Padding rows have weight 0 and are dropped below; blocks past the used ones are skipped.
         outputs = jax.lax.fori_loop(0, blocks.sum(), run_block, jnp.zeros_like(inputs))

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 def register() -> None:
     from jaxllm import platform
-    from jaxllm.vllm_plugin import host, kv_cache, models, runner_fixes
+    from jaxllm.vllm_plugin import host, kv_cache, models, quantization, runner_fixes
 
     if not platform.on_tpu():
         host.install_all()  # before tpu-inference's sampler is imported (its jit reads compile options)
     runner_fixes.install_all()
     models.install_all()
     kv_cache.install_all()
+    quantization.install_all()
