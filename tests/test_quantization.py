@@ -271,3 +271,58 @@ def test_qwix_rules_that_cannot_work_fail_at_start_up_naming_the_rule(case):
     rules, options, message = RULE_ERRORS[case]
     with pytest.raises(QwixRuleError, match=message):
         build(cached_checkpoint("llama4", "tiny"), qwix(rules, **options))
+
+
+# ---------------------------------------------------------------------------
+# The closeness bounds of tests/test_quantized_generate.py catch a wrong scale.
+
+
+def next_token_logprobs(logits, tokens):
+    """Logprob of each next token of `tokens` under `logits` [T, V] (position t predicts token t + 1)."""
+    logits = logits.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return logits[np.arange(len(tokens) - 1), tokens[1:]] - lse[:-1]
+
+
+def mean_delta(logits, reference, tokens=SEQ):
+    return float(np.abs(next_token_logprobs(logits, tokens) - next_token_logprobs(reference, tokens)).mean())
+
+
+def test_the_closeness_bounds_catch_a_wrong_scale(monkeypatch):
+    """The engine tests bound mean |Δlogprob| against the bf16 run (Llama 4: 0.08 with an fp8 KV cache, 0.03 with
+    int8 weights). The same measure here, in-process on the tiny Llama 4 in bf16 teacher-forced on 40 tokens:
+    correct quantization stays within those bounds; K/V stored at twice their value (a scale applied on
+    write but not on read), or int8 weights each dequantized with the next output channel's scale, go past
+    them by far more than the bounds' margin."""
+    from jaxllm.attention import dispatch
+    from tpu_inference.layers.common.quantization import quantize_kv
+
+    path = cached_checkpoint("llama4", "tiny")
+    plain, mesh = build(path, dtype="bfloat16")
+
+    def logits(model, cache_dtype=None):
+        engine = Engine(model, mesh, cache_dtype=cache_dtype)
+        request = engine.add(SEQ)
+        return engine.step([(request, len(SEQ))])[0].astype(np.float32)
+
+    reference = logits(plain)
+    fp8_kv = mean_delta(logits(plain, jnp.float8_e4m3fn), reference)
+    monkeypatch.setattr(dispatch, "quantize_kv", lambda dtype, k, v, k_scale, v_scale: quantize_kv(dtype, k, v, 0.5, 0.5))
+    wrong_kv = mean_delta(logits(plain, jnp.float8_e4m3fn), reference)
+    monkeypatch.undo()
+
+    quantized, _ = build(path, qwix(INT8), dtype="bfloat16")
+    int8 = mean_delta(logits(quantized), reference)
+    from qwix._src.providers.ptq import WithAux
+
+    wrong_axis = nnx.clone(quantized)
+    for _, module in nnx.iter_modules(wrong_axis):
+        for name, node in list(vars(module).items()):
+            if isinstance(node, WithAux):
+                scale = node.array.scale
+                scale.set_value(jnp.roll(scale[...], 1, axis=-1))  # each output channel gets its neighbour's
+    wrong_int8 = mean_delta(logits(wrong_axis), reference)
+    print(f"\nmean |Δlogprob| vs bf16: fp8 KV {fp8_kv:.4f} (K/V x2: {wrong_kv:.4f}); "
+          f"int8 {int8:.4f} (scales shifted: {wrong_int8:.4f})")
+    assert fp8_kv <= 0.08 < 3 * 0.08 <= wrong_kv
+    assert int8 <= 0.03 < 3 * 0.03 <= wrong_int8
