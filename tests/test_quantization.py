@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,3 +328,27 @@ def test_the_closeness_bounds_catch_a_wrong_scale(monkeypatch):
           f"int8 {int8:.4f} (scales shifted: {wrong_int8:.4f})")
     assert fp8_kv <= 0.08 < 3 * 0.08 <= wrong_kv
     assert int8 <= 0.03 < 3 * 0.03 <= wrong_int8
+
+
+def test_multimodal_fp8_checkpoint_gets_no_default_qwix_rules(tmp_path):
+    """Maverick FP8 is a multimodal checkpoint (model_type llama4, compressed-tensors), for which tpu-inference
+    adds Qwix rules of its own (qwix_utils.DEFAULT_LLAMA4_FP8_CONFIG, for its module names, on the abstract
+    model). For ours the plugin adds none: the model loads with the checkpoint's FP8 experts and nothing
+    quantized by Qwix."""
+    import jaxllm.vllm_plugin as plugin
+    from jaxllm.model.quantization import quantized_weights
+    from tpu_inference.models.jax.utils.qwix import qwix_utils
+
+    plugin.register()
+    fp8_dir, _ = fp8_checkpoints.build(cached_checkpoint("llama4", "tiny", multimodal=True), tmp_path)
+    config = json.loads((fp8_dir / "config.json").read_text())
+    assert config["model_type"] == "llama4" and config["architectures"] == ["Llama4ForConditionalGeneration"]
+    from types import SimpleNamespace
+
+    hf_config = SimpleNamespace(model_type="llama4", quantization_config=config["quantization_config"],
+                                architectures=config["architectures"])
+    assert qwix_utils.get_default_qwix_quantization_config(hf_config, False) is not None  # what the builtin adds
+    model, _ = build(fp8_dir)
+    moe_layers = sorted(model.config.moe_layers)
+    assert quantized_weights(model) == {(f"layers/{i}/feed_forward/experts", p)
+                                        for i in moe_layers for p in ("gate_proj", "up_proj", "down_proj")}
