@@ -93,6 +93,8 @@ def build(source: Path, out: Path, *, ignore: list[str] | None = None, config_ed
     experts = set(names.routed_experts())
     if ignore is None:
         ignore = [name for name in names.all() if name not in experts]
+        if "vision_config" in config:  # the image encoder stays bf16 too
+            ignore += ["re:vision_model.*", "re:multi_modal_projector.*"]
     tensors = load_file(source / "model.safetensors")
     scheme = _scheme()
     fp8, dequantized = {}, {}
