@@ -79,8 +79,9 @@ def capacity(vllm_config, specs: dict, budget: int) -> tuple[int, float, int]:
     return tokens, concurrency, len(kv_cache_config.kv_cache_groups)
 
 
-def specs_for(vllm_config, mesh, windowed: bool, as_on_tpu: bool = False) -> dict:
-    """The specs the runner reports; `as_on_tpu`: plan as on a TPU host (one buffer per row layout)."""
+def specs_for(vllm_config, mesh, windowed: bool, as_on_tpu: bool = False, kv_dtype=None) -> dict:
+    """The specs the runner reports; `as_on_tpu`: plan as on a TPU host (one buffer per row layout);
+    `kv_dtype`: the runner's KV-cache dtype (torch; default bf16)."""
     import torch
     from tpu_inference.runner.kv_cache_manager import KVCacheManager
 
@@ -89,7 +90,7 @@ def specs_for(vllm_config, mesh, windowed: bool, as_on_tpu: bool = False) -> dic
 
     runner = SimpleNamespace(model=None, model_config=vllm_config.model_config, vllm_config=vllm_config,
                              cache_config=vllm_config.cache_config, parallel_config=vllm_config.parallel_config,
-                             speculative_config=None, mesh=mesh, kv_cache_dtype=torch.bfloat16,
+                             speculative_config=None, mesh=mesh, kv_cache_dtype=kv_dtype or torch.bfloat16,
                              attention_backend=None)
     if windowed:
         hf_config = vllm_config.model_config.hf_config

@@ -18,6 +18,7 @@ BENCHMARKS = [
     ["decode_rows.py", "--reps", "3"],            # decode rows one at a time vs tiles of 8
     ["attention.py", "--plot", str(HERE / "attention.png")],  # 4: portable RPA vs context and capacity
     ["kv_capacity.py"],                           # window-aware KV cache vs full length, vLLM's planner
+    ["fits.py"],                                  # what fits per TPU slice, weight and KV format (planner only)
 ]
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ os.environ.setdefault("SKIP_JAX_PRECOMPILE", "1")
 # whose XLA backend already runs threads cannot be forked safely (the child aborts),
 # so these run first, before any in-process test initialises JAX's CPU backend.
 ENGINE_MODULES = ("test_async_scheduling.py", "test_vllm_generate.py", "test_windowed_kv_cache.py",
-                  "test_vllm_multimodal.py", "test_vllm_bf16.py")
+                  "test_vllm_multimodal.py", "test_vllm_bf16.py", "test_quantized_generate.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

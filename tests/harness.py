@@ -76,7 +76,7 @@ class Request:
 
 class Engine:
     def __init__(self, model, mesh, *, num_pages=64, max_reqs=4, pages_per_req=16, seed=0,
-                 cache_specs=None, kv_share=None):
+                 cache_specs=None, kv_share=None, cache_dtype=None):
         """`cache_specs`: per layer (num_kv_heads, head_dim); defaults to the model config's.
 
         `kv_share`: {shared layer: donor layer}, by default the config's. As tpu-inference's
@@ -92,7 +92,8 @@ class Engine:
         self.kv_share = dict(kv_share or {})
         # Each layer gets its own slot, shuffled so that list order != layer order.
         slot_order = self.rng.permutation(len(rows) - len(self.kv_share))
-        self.caches, self.layer_slots = allocate_caches(rows, self.kv_share, model.dtype, num_pages=num_pages,
+        self.caches, self.layer_slots = allocate_caches(rows, self.kv_share, cache_dtype or model.dtype,
+                                                        num_pages=num_pages,
                                                         page_size=PAGE_SIZE, slot_order=slot_order)
         self.free_pages = list(self.rng.permutation(num_pages))
         self.max_reqs, self.pages_per_req = max_reqs, pages_per_req

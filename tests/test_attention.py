@@ -735,6 +735,88 @@ def test_dispatch_views_a_cache_stored_in_another_layers_layout():
 
 
 # ---------------------------------------------------------------------------
+# Quantized (fp8) caches: `--kv-cache-dtype fp8 | fp8_e4m3 | fp8_e5m2`.
+
+E4M3 = np.dtype(jnp.float8_e4m3fn)
+E5M2 = np.dtype(jnp.float8_e5m2)
+QUANTIZED_STATIC = STATIC_ARGS + ("q_scale", "k_scale", "v_scale")
+RPA_QUANTIZED = jax.jit(ragged_paged_attention, static_argnames=QUANTIZED_STATIC)
+
+
+def quantized_case(seed, heads, dtype, q_dtype=F32, **kw):
+    """A batch whose cache, history and new K/V are fp8 values (what quantize_kv stores); fp32 or bf16 queries."""
+    case = make_case(seed, *REF_SPECS, heads=heads, dtype=dtype, **{**FAMILIES[16], **kw})
+    case.q = np.random.default_rng([seed, 2]).standard_normal(case.q.shape, np.float32).astype(q_dtype)
+    return case
+
+
+def dequantized(case: Case, k_scale: float, v_scale: float) -> Case:
+    """The same batch with the real K/V the fp8 values stand for (stored value x scale), in float64."""
+    seqs = [dataclasses.replace(s, hist_k=s.hist_k.astype(np.float64) * k_scale,
+                                hist_v=s.hist_v.astype(np.float64) * v_scale) for s in case.seqs]
+    return dataclasses.replace(case, k=case.k.astype(np.float64) * k_scale, v=case.v.astype(np.float64) * v_scale,
+                               seqs=seqs)
+
+
+# Scales that are powers of two keep the dequantized reference exact, so the fp32 tolerance holds:
+# the portable attention reads fp8 exactly and differs from the float64 reference only by fp32
+# rounding. A scale applied twice, or not at all, moves scores or outputs by 2x, far outside it.
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("heads,opts", [
+    ((4, 2, 128), dict(k_scale=0.5, v_scale=4.0)),
+    ((8, 1, 64), dict(k_scale=2.0, v_scale=0.25, sliding_window=37)),
+    ((4, 2, 32), dict(k_scale=1.0, v_scale=1.0, soft_cap=5.0, sm_scale=1.0)),
+], ids=["hd128", "hd64-window37", "hd32-softcap"])
+def test_quantized_cache_matches_dense_reference_on_dequantized_values(dtype, heads, opts):
+    case = quantized_case(10, heads, dtype)
+    opts = {"sm_scale": case.head_dim ** -0.5, **opts}
+    out, cache = RPA_QUANTIZED(*case.args(), **opts)
+    out, cache = np.asarray(out), np.asarray(cache)
+    assert out.dtype == F32 and cache.dtype == dtype
+    ref_opts = {k: v for k, v in opts.items() if k not in ("k_scale", "v_scale")}
+    n = case.num_real_tokens
+    np.testing.assert_allclose(out[:n], dense_reference(dequantized(case, opts["k_scale"], opts["v_scale"]),
+                                                        **ref_opts), **F32_TOL)
+    assert_cache_updated_exactly(case, cache)  # the fp8 rows themselves, as merge_kv packs 4 per 32 bits
+
+
+def test_dispatch_quantizes_keys_and_values_into_an_fp8_cache():
+    """Unquantized K/V and an fp8 cache: dispatch stores k / k_scale, v / v_scale as fp8 (tpu-inference's
+    quantize_kv) and the attention reads them back scaled: exactly the portable attention given the
+    quantized K/V, and within fp8 rounding of the unquantized attention. e4m3 keeps each value within
+    2**-4 of itself (half an ulp of 3 mantissa bits), so an output, an average of V, moves by at most
+    2**-4 max|v| ~ 0.27 from V's rounding (max |v| 4.4 here), a little more with K's; measured 0.12 at
+    most, 0.001 on average. A scale left out on read moves outputs by up to 1.8 (K) or 3.1 (V), 0.2 on
+    average: the bounds are max 0.3 and mean 0.01."""
+    from tpu_inference.layers.common.quantization import quantize_kv
+
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[:1])
+    case = quantized_case(12, (4, 2, 128), E4M3)
+    k = np.random.default_rng(3).standard_normal(case.k.shape, np.float32)
+    v = np.random.default_rng(4).standard_normal(case.v.shape, np.float32)
+    kv_lens, page_indices, cu_q_lens, distribution = case.metadata()
+    md = AttentionMetadata(input_positions=jnp.zeros(case.q.shape[0], jnp.int32), block_tables=page_indices,
+                           seq_lens=kv_lens, query_start_loc=cu_q_lens, request_distribution=distribution)
+    sm_scale, k_scale, v_scale = case.head_dim ** -0.5, 4.0, 0.5
+
+    @jax.jit
+    def layer(q, k, v, cache, md):
+        return dispatch.attention(q, k, v, cache, md, mesh, sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+
+    out, cache = layer(jnp.asarray(case.q), k, v, jnp.asarray(case.cache), md)
+    qk, qv = quantize_kv(E4M3, jnp.asarray(k), jnp.asarray(v), k_scale, v_scale)
+    expected, expected_cache = RPA_QUANTIZED(jnp.asarray(case.q), qk, qv, jnp.asarray(case.cache), *case.metadata(),
+                                             sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+    n = case.num_real_tokens
+    np.testing.assert_array_equal(np.asarray(out)[:n], np.asarray(expected)[:n])
+    assert_bitwise_equal(cache, expected_cache)
+    unquantized = dataclasses.replace(dequantized(case, k_scale, v_scale), k=k, v=v)
+    error = np.abs(np.asarray(out)[:n] - dense_reference(unquantized, sm_scale=sm_scale))
+    assert error.max() <= 0.3 and error.mean() <= 0.01, (error.max(), error.mean())
+
+
+# ---------------------------------------------------------------------------
 # Argument checks.
 
 
@@ -751,8 +833,9 @@ def test_rejects_inconsistent_arguments():
         RPA(q, k, v, cache, *md, sliding_window=0)
     with pytest.raises(ValueError, match="chunk_size"):
         RPA(q, k, v, cache, *md, chunk_size=0)
-    with pytest.raises(NotImplementedError):
-        ragged_paged_attention(q, k, v, cache, *md, k_scale=2.0)
+    with pytest.raises(ValueError, match="floating-point"):  # the kernel has no integer caches either
+        i8 = jnp.zeros(CacheLayout(2, 128, 4).cache_shape(*cache.shape[:2]), jnp.int8)
+        RPA(q, k.astype(jnp.int8), v.astype(jnp.int8), i8, *md)
 
 
 def test_a_request_reads_pages_another_request_writes_in_the_same_step():

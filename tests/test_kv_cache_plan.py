@@ -50,7 +50,7 @@ def engine_config(tmp_path, arch: str, max_len: int, **overrides):
                       skip_tokenizer_init=True, **engine_overrides).create_engine_config()
 
 
-def runner_for(vllm_config, model=None):
+def runner_for(vllm_config, model=None, kv_cache_dtype=torch.bfloat16):
     """The runner's attributes the plan reads; `model`: what it serves (default: ours, built abstractly)."""
     mesh = plain_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
     if model is None:
@@ -59,7 +59,7 @@ def runner_for(vllm_config, model=None):
             model = nnx.eval_shape(lambda: cls(vllm_config, jax.random.key(0), mesh))
     return SimpleNamespace(model=model, model_config=vllm_config.model_config, vllm_config=vllm_config,
                            cache_config=vllm_config.cache_config, parallel_config=vllm_config.parallel_config,
-                           speculative_config=None, mesh=mesh, kv_cache_dtype=torch.bfloat16,
+                           speculative_config=None, mesh=mesh, kv_cache_dtype=kv_cache_dtype,
                            attention_backend=None)
 
 
@@ -186,3 +186,33 @@ def test_allocation_honours_num_gpu_blocks_override(tmp_path):
     kv_cache.allocate(manager, kv_cache_config, plan)
     assert {cache.shape[0] for cache in runner.kv_caches} == {2400}
     assert len(runner.layer_name_to_kvcache_index) == 12
+
+
+@pytest.mark.parametrize("tpu", [False, True], ids=["off-tpu", "on-tpu"])
+def test_fp8_kv_cache_pages_hold_half_the_bytes(tmp_path, monkeypatch, tpu):
+    """--kv-cache-dtype fp8: the runner's kv_cache_dtype is float8_e4m3fn, and the plan counts 1 byte per value
+    (tpu-inference's page layout packs 4 per 32 bits), so every page is half its bf16 size, on TPU and off,
+    and vLLM's planner fits twice the blocks, and twice the requests, in the same budget."""
+    from vllm.v1.attention.backends.utils import record_kv_cache_layout
+    from vllm.v1.core.kv_cache_planning import get_kv_cache_configs
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
+
+    monkeypatch.setattr(platform, "on_tpu", lambda: tpu)
+    vllm_config = engine_config(tmp_path, "gemma4", 131072, **GEMMA4_31B)
+    plans = {dtype: kv_cache.plan_for(runner_for(vllm_config, kv_cache_dtype=dtype))
+             for dtype in (torch.bfloat16, torch.float8_e4m3fn)}
+    bf16, fp8 = plans[torch.bfloat16], plans[torch.float8_e4m3fn]
+    assert bf16.specs.keys() == fp8.specs.keys()
+    for name in bf16.specs:
+        assert fp8.specs[name].page_size_bytes * 2 == bf16.specs[name].page_size_bytes
+        assert fp8.specs[name].block_size == bf16.specs[name].block_size
+
+    def blocks_and_concurrency(plan):
+        config = copy.deepcopy(vllm_config)
+        record_kv_cache_layout(config.cache_config, "LBNHC")
+        kv_cache_config = get_kv_cache_configs(config, [plan.specs], [8 * 2**30])[0]
+        return kv_cache_config.num_blocks, get_kv_cache_capacity(config, kv_cache_config)[1]
+
+    (fp8_blocks, fp8_requests), (bf16_blocks, bf16_requests) = blocks_and_concurrency(fp8), blocks_and_concurrency(bf16)
+    assert fp8_blocks == 2 * bf16_blocks
+    assert fp8_requests == pytest.approx(2 * bf16_requests, rel=1e-4)  # (vLLM rounds its token count)

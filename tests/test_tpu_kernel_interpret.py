@@ -214,3 +214,44 @@ def test_each_row_layout_has_its_own_buffer_on_tpu(tpu_branch):
     assert_cache_updated_exactly(case, cache)
     with pytest.raises(ValueError, match="kv_cache.shape"):
         tpu_branch(case, shared)
+
+
+# ---------------------------------------------------------------------------
+# (e) fp8 KV caches (`--kv-cache-dtype fp8`).
+
+
+def fp8_case(seed, heads, dtype):
+    """A cache of fp8 history (as quantize_kv stored it) and unquantized fp32 q/k/v, as a layer computes them."""
+    case = runner_case(seed, heads, np.dtype(dtype))
+    rng = np.random.default_rng([seed, 3])
+    case.q, case.k, case.v = (rng.standard_normal(a.shape, np.float32) for a in (case.q, case.k, case.v))
+    return case
+
+
+def portable_branch(case, cache, **opts):
+    with pytest.MonkeyPatch.context() as m:
+        take_tpu_branch(m, False)
+        layer = jax.jit(functools.partial(dispatch.attention, mesh=_mesh((1, 1)), sm_scale=case.head_dim ** -0.5,
+                                          **opts))
+        return _out_and_cache(layer(*_qkv(case), jnp.asarray(cache), _metadata(case)))
+
+
+@pytest.mark.parametrize("heads,dtype,opts", [
+    ((4, 2, 128), jnp.float8_e4m3fn, dict(sliding_window=37, k_scale=2.0, v_scale=0.5)),
+    pytest.param((8, 1, 64), jnp.float8_e4m3fn, dict(k_scale=0.5, v_scale=2.0), marks=slow),
+    pytest.param((4, 2, 128), jnp.float8_e5m2, dict(k_scale=1.0, v_scale=1.0), marks=slow),
+], ids=["hd128-e4m3-window37", "hd64-e4m3", "hd128-e5m2"])
+def test_fp8_cache_on_the_real_kernel_matches_the_portable_branch(tpu_branch, heads, dtype, opts):
+    """dispatch quantizes K/V into the fp8 cache (quantize_kv) and passes k_scale/v_scale; the TPU kernel
+    and the portable attention dequantize alike: outputs within fp32 rounding (both read fp8 exactly and
+    compute in fp32; a scale applied twice or not at all is a 2x error), caches bitwise equal."""
+    case = fp8_case(9, heads, dtype)
+    out, cache = tpu_branch(case, **opts)
+    expected, expected_cache = portable_branch(case, case.cache, **opts)
+    assert cache.dtype == np.dtype(dtype)
+    n = case.num_real_tokens
+    np.testing.assert_allclose(out[:n], expected[:n], **F32_TOL)
+    assert_bitwise_equal(cache, expected_cache)
+    untouched = np.ones(case.cache.shape[0], bool)
+    untouched[[p for s in case.seqs for p in s.pages]] = False
+    assert_bitwise_equal(cache[untouched], case.cache[untouched])

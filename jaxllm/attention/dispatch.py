@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from qwix._src.interception import disable_interceptions
 from tpu_inference.layers.common.attention_metadata import AttentionMetadata
+from tpu_inference.layers.common.quantization import quantize_kv
 from tpu_inference.layers.common.sharding import ShardingAxisName
 from tpu_inference.utils import get_mesh_shape_product
 
@@ -37,9 +39,20 @@ def attention(
     chunk_size: int | None = None,
     soft_cap: float | None = None,
     update_kv_cache: bool = True,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Ragged paged attention for one layer; returns `(out [T, N, H], new_kv_cache)`, as the kernels do."""
+    """Ragged paged attention for one layer; returns `(out [T, N, H], new_kv_cache)`, as the kernels do.
+
+    A cache in another dtype than K/V (`--kv-cache-dtype fp8`) is quantized: K/V are
+    stored as `k / k_scale`, `v / v_scale` in its dtype (tpu-inference's `quantize_kv`,
+    static per-tensor scales, as its own models do) and both kernels dequantize on read.
+    """
     md = metadata
+    scales = {}
+    if kv_cache.dtype != k.dtype:
+        k, v = quantize_kv(kv_cache.dtype, k, v, k_scale, v_scale)
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
     if platform.on_tpu():
         from tpu_inference.layers.common.attention_interface import sharded_ragged_paged_attention
         requests = (md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
@@ -52,7 +65,7 @@ def attention(
         out, kv_cache = sharded_ragged_paged_attention(
             mesh, q, k, v, kv_cache, *requests, None, sm_scale, attention_chunk_size=sliding_window,
             update_kv_cache=update_kv_cache, use_causal_mask=md.use_causal_mask,
-            attn_logits_soft_cap=soft_cap)
+            attn_logits_soft_cap=soft_cap, **scales)
         return out, kv_cache
 
     k, v = _replicate_kv_heads(mesh, k, v)
@@ -62,9 +75,13 @@ def attention(
     kernel = functools.partial(
         _in_layer_layout, sm_scale=sm_scale, sliding_window=sliding_window,
         chunk_size=chunk_size, soft_cap=soft_cap, update_kv_cache=update_kv_cache,
-        use_causal_mask=md.use_causal_mask)
+        use_causal_mask=md.use_causal_mask, **scales)
+    # Qwix (--additional_config quantization rules) intercepts jnp.einsum and lax.dot_general
+    # while the model runs and would quantize the attention's own products as activations;
+    # it leaves pallas_call alone (qwix/_src/qconfig.py), so on TPU the kernel is opaque to it.
+    # The portable attention is kept opaque the same way, so both hosts compute the same thing.
     out, kv_cache = jax.shard_map(
-        kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta),
+        disable_interceptions(kernel), mesh=mesh, in_specs=(qkv, qkv, qkv, cache, meta, meta, meta, meta),
         out_specs=(qkv, cache), check_vma=False,
     )(q, k, v, kv_cache, md.seq_lens, md.block_tables, md.query_start_loc, md.request_distribution)
     return out, kv_cache

@@ -1,7 +1,8 @@
 """Ragged paged attention in pure JAX, for hosts where tpu-inference's Pallas kernel can't run.
 
 Same arguments, cache layout and results as tpu-inference's RPA v3 kernel
-(`kernels/ragged_paged_attention/v3/kernel.py`), plus a Llama 4 chunked-local mask.
+(`kernels/ragged_paged_attention/v3/kernel.py`), plus a Llama 4 chunked-local mask,
+including quantized (fp8) caches with the kernel's static `q/k/v_scale`.
 
 Layout. A batch is `T` query tokens packed request after request (`cu_q_lens`),
 decode-only requests first (`distribution = (decode_end, prefill_end, num_seqs)`).
@@ -142,9 +143,10 @@ def ragged_paged_attention(
     comes back unchanged (KV-shared layers).
     Masks: causal (unless `use_causal_mask=False`), plus `q - sliding_window < k`,
     plus `k // chunk_size == q // chunk_size`; `soft_cap` squashes scores with tanh.
+    A quantized (fp8) cache takes keys/values already quantized to its dtype
+    (tpu-inference's `quantize_kv`) and their static scales: stored values are read
+    exactly (fp8 -> fp32), scores scaled by `k_scale`, `p @ v` by `v_scale`, as the kernel does.
     """
-    if q_scale is not None or k_scale is not None or v_scale is not None:
-        raise NotImplementedError("portable ragged_paged_attention has no quantized (q/k/v_scale) KV cache")
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
     if chunk_size is not None and chunk_size <= 0:
@@ -159,18 +161,29 @@ def ragged_paged_attention(
         raise ValueError(f"kv_cache shape {kv_cache.shape} does not match {num_kv_heads} KV heads of size "
                          f"{head_dim} in {kv_cache.dtype}: expected {layout.cache_shape(num_pages, page_size)}")
     if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
-        raise ValueError(f"keys/values dtype {keys.dtype}/{values.dtype} != kv_cache dtype {kv_cache.dtype}")
+        raise ValueError(f"keys/values dtype {keys.dtype}/{values.dtype} != kv_cache dtype {kv_cache.dtype}: "
+                         "quantize them to the cache's dtype first (tpu-inference's quantize_kv), as the "
+                         "TPU kernel requires")
+    if not jnp.issubdtype(kv_cache.dtype, jnp.floating):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype}: only floating-point caches are supported, as in "
+                         "the TPU kernel")
 
     batch = _Batch.build(kv_lens, page_indices, cu_q_lens, distribution, num_tokens)
     pages_per_block = max(1, tiling.kv_block_tokens // page_size)
     masks = _Masks(use_causal_mask, sliding_window, chunk_size)
+    # Quantized caches, as the kernel dequantizes them (kernel.py, flash_attention_step1/2): the cache
+    # and the new K/V hold values / scale; scores are scaled by sm_scale * k_scale (* q_scale, with
+    # the queries quantized to the cache's dtype the way the kernel does it), p @ v by v_scale.
+    score_scale = sm_scale * (1.0 if k_scale is None else k_scale) * (1.0 if q_scale is None else q_scale)
+    scored_queries = queries if q_scale is None else _quantize_like_kernel(queries, q_scale, kv_cache.dtype)
     attend = _Attend(layout, batch, keys.astype(jnp.float32), values.astype(jnp.float32), page_size,
-                     pages_per_block, tiling.query_block, masks, sm_scale, soft_cap, attention_sink, num_heads)
+                     pages_per_block, tiling.query_block, masks, score_scale, v_scale, soft_cap, attention_sink,
+                     num_heads, queries.dtype)
 
     if update_kv_cache:
         kv_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
     pad = max(tiling.decode_tile, tiling.query_block)
-    q = jnp.pad(queries, ((0, pad), (0, 0), (0, 0)))
+    q = jnp.pad(scored_queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = jnp.zeros(q.shape, queries.dtype)
     out = lax.cond(batch.decode_tokens < tiling.few_decode_rows,
@@ -178,6 +191,15 @@ def ragged_paged_attention(
                    lambda out: attend.decode_rows(q, out, kv_cache, tile=tiling.decode_tile), out)
     out = attend.query_blocks(q, out, kv_cache)
     return out[:num_tokens].reshape(num_tokens, num_heads, head_dim), kv_cache
+
+
+def _quantize_like_kernel(queries: jax.Array, q_scale: float, dtype) -> jax.Array:
+    """Queries divided by `q_scale`, clipped to `dtype`'s range and cast to it, as the TPU kernel does."""
+    q = queries / q_scale
+    if jnp.issubdtype(dtype, jnp.floating):
+        info = jnp.finfo(dtype)
+        q = jnp.clip(q, float(info.min), float(info.max))
+    return q.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,10 +289,12 @@ class _Attend:
     pages_per_block: int
     query_block: int
     masks: _Masks
-    sm_scale: float
+    score_scale: float       # sm_scale, times k_scale (and q_scale) of a quantized cache
+    v_scale: float | None    # a quantized cache's value scale, applied to p @ v
     soft_cap: float | None
     sink: jax.Array | None
     num_heads: int
+    out_dtype: jnp.dtype
 
     @property
     def block_tokens(self):
@@ -307,7 +331,7 @@ class _Attend:
     def _update(self, state, q, k, v, allowed):
         """Fold one KV block into the state. q [..., q, K, G, H]; k, v [..., s, K, H]; allowed [..., q, s]."""
         m, l, acc = state
-        s = jnp.einsum("...qkgh,...skh->...qkgs", q, k, preferred_element_type=jnp.float32) * self.sm_scale
+        s = jnp.einsum("...qkgh,...skh->...qkgs", q, k, preferred_element_type=jnp.float32) * self.score_scale
         if self.soft_cap is not None:
             s = self.soft_cap * jnp.tanh(s / self.soft_cap)
         allowed = allowed[..., :, None, None, :]
@@ -317,7 +341,10 @@ class _Attend:
         p = jnp.where(allowed, jnp.exp(s - m_safe[..., None]), 0.0)
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("...qkgs,...skh->...qkgh", p, v)
+        pv = jnp.einsum("...qkgs,...skh->...qkgh", p, v)
+        if self.v_scale is not None:
+            pv = pv * self.v_scale
+        acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
     @staticmethod
@@ -337,7 +364,7 @@ class _Attend:
             v = jnp.where(allowed.any(axis=-2)[..., None, None], v, 0.0)
             return self._update(state, q.astype(jnp.float32), k, v, allowed)
         state = lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
-        return self._finish(state, q.dtype)
+        return self._finish(state, self.out_dtype)
 
     def decode_rows(self, q, out, kv_cache, tile: int):
         """Tokens of the decode requests, `tile` at a time, each row gathering its own pages.

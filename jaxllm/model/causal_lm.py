@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 from tpu_inference.utils import get_mesh_shape_product, to_jax_dtype
 
-from jaxllm.model.mlp import MoESetup
+from jaxllm.model import quantization
+from jaxllm.model.mlp import Experts, MoESetup
 from jaxllm.model.params import param
 from jaxllm.model.weights import Rule, checkpoint_tensors, load_checkpoint, transpose
 
@@ -82,6 +83,10 @@ class CausalLM(nnx.Module):
             self.vision = encoder(encoder.config_class.from_hf(model_config.hf_config), dtype, mesh, rngs)
         else:
             self.vision = None
+        if getattr(config, "fp8_experts", None) is not None:  # an FP8 checkpoint: experts as it stores them
+            for _, module in nnx.iter_modules(self):
+                if isinstance(module, Experts):
+                    quantization.use_fp8_weights(module, rngs)
 
     @property
     def vllm_config(self):
@@ -143,7 +148,12 @@ class CausalLM(nnx.Module):
         belongs to no group, so it passes its donor as `metadata_layer`.
         """
         name = f"layer.{i}"
-        slot = dict(layer_name_to_kvcache_index)[name]
+        if layer_name_to_kvcache_index is None:
+            # tpu-inference's Qwix calibration call (qwix_utils.qwix_quantize_nnx_model) passes no map
+            # and one cache per layer, in layer order.
+            slot = i
+        else:
+            slot = dict(layer_name_to_kvcache_index)[name]
         if isinstance(attention_metadata, dict):
             return slot, attention_metadata[f"layer.{i if metadata_layer is None else metadata_layer}"]
         return slot, attention_metadata

@@ -11,9 +11,8 @@ import dataclasses
 
 import numpy as np
 
-
-class UnsupportedConfigError(ValueError):
-    """The checkpoint's config asks for something jaxllm does not implement."""
+from jaxllm.model.checkpoint_quantization import Fp8Experts, ModuleNames, checkpoint_quantization
+from jaxllm.model.errors import UnsupportedConfigError
 
 
 def text_config(hf_config):
@@ -36,17 +35,6 @@ def _require(condition: bool, message: str) -> None:
         raise UnsupportedConfigError(message)
 
 
-def _refuse_quantized(hf_config) -> None:
-    """Quantized checkpoints (a `quantization_config`) would load as garbage or fail on their scales: refuse them."""
-    for config in (hf_config, text_config(hf_config)):
-        quantization = getattr(config, "quantization_config", None)
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else \
-                getattr(quantization, "quant_method", quantization)
-            raise UnsupportedConfigError(
-                f"quantization_config quant_method={method!r}: jaxllm's models load unquantized (bf16 / fp32) "
-                "checkpoints only; serve the bf16 release, or quantize at load time with Qwix rules in "
-                "--additional_config")
 
 
 # Types whose frequencies don't depend on the sequence length. "dynamic" and
@@ -99,6 +87,8 @@ class Llama4Config:
     num_experts_per_tok: int
     intermediate_size: int      # each expert and the shared expert
     intermediate_size_mlp: int  # dense layers
+    # A pre-quantized checkpoint's routed experts (Llama 4 Maverick FP8's format); None: unquantized.
+    fp8_experts: Fp8Experts | None = None
 
     def kv_layers(self) -> tuple[KVLayer, ...]:
         return tuple(KVLayer(self.num_kv_heads, self.head_dim, chunk_size=self.attention_chunk_size if rope else None)
@@ -106,7 +96,6 @@ class Llama4Config:
 
     @classmethod
     def from_hf(cls, hf_config) -> "Llama4Config":
-        _refuse_quantized(hf_config)
         c = text_config(hf_config)
         _require(c.hidden_act == "silu", f"Llama 4 hidden_act={c.hidden_act!r}: only 'silu' is supported")
         _require(not c.attention_bias, "Llama 4 attention_bias=True is not supported")
@@ -136,7 +125,17 @@ class Llama4Config:
             num_experts_per_tok=c.num_experts_per_tok,
             intermediate_size=c.intermediate_size,
             intermediate_size_mlp=c.intermediate_size_mlp,
+            fp8_experts=checkpoint_quantization(hf_config, "Llama 4", _llama4_modules(hf_config, c)),
         )
+
+
+def _llama4_modules(hf_config, c) -> ModuleNames:
+    """Llama 4's torch Linear modules, named as its checkpoint names them (multimodal: under language_model.)."""
+    multimodal = c is not hf_config
+    return ModuleNames(prefix="language_model.model." if multimodal else "model.",
+                       lm_head="language_model.lm_head" if multimodal else "lm_head",
+                       num_layers=c.num_hidden_layers, moe_layers=frozenset(c.moe_layers),
+                       num_experts=c.num_local_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +195,7 @@ class Gemma4Config:
     def from_hf(cls, hf_config) -> "Gemma4Config":
         from jaxllm.model.mlp import ACTIVATIONS
 
-        _refuse_quantized(hf_config)
+        checkpoint_quantization(hf_config, "Gemma 4")  # no quantized Gemma 4 format is accepted: refused by name
         c = text_config(hf_config)
         _require(not c.attention_bias, "Gemma 4 attention_bias=True is not supported")
         _require(c.use_bidirectional_attention in (None, "vision"),

@@ -23,6 +23,7 @@ from jaxllm.model.config import Llama4Config
 from jaxllm.model.mlp import GatedMLP, Llama4MoE, MoESetup, expert_rules
 from jaxllm.model.norms import RMSNorm, rms_normalize
 from jaxllm.model.params import param
+from jaxllm.model.quantization import scale_rows
 from jaxllm.model.rope import apply_rope_interleaved
 from jaxllm.model.vision.llama4 import Llama4ImageEncoder
 from jaxllm.model.weights import Rule, heads_in, heads_out, split_last, transpose
@@ -108,9 +109,12 @@ class JaxLlama4ForCausalLM(CausalLM):
             Rule(layer + r"self_attn\.o_proj\.weight", ("layers.{0}.attn.o_proj",), heads_out(c.num_heads)),
             Rule(ffn + r"(gate_proj|up_proj|down_proj)\.weight", ("layers.{0}.feed_forward.{1}",), transpose),
             Rule(ffn + r"router\.weight", ("layers.{0}.feed_forward.router",), transpose),
-            # Torch layouts [E, D, 2F] (gate, then up) and [E, F, D], as ours.
+            # Torch layouts [E, D, 2F] (gate, then up) and [E, F, D], as ours; or one Linear per expert.
             *expert_rules(self.moe, ffn + r"experts\.", "layers.{0}.feed_forward.experts.", split_last(2),
                           lambda w: (w,)),
+            # Per-expert FP8 (Llama 4 Maverick's release): each weight's scale per output channel.
+            Rule(ffn + r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight_scale",
+                 ("layers.{0}.feed_forward.experts.{2}.array.scale",), scale_rows, row="{1}"),
             Rule(ffn + r"shared_expert\.(gate_proj|up_proj|down_proj)\.weight",
                  ("layers.{0}.feed_forward.shared_expert.{1}",), transpose),
         ]

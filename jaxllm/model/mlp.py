@@ -36,6 +36,7 @@ from tpu_inference.utils import get_mesh_shape_product
 from vllm.logger import init_logger
 
 from jaxllm import platform
+from jaxllm.model import quantization
 from jaxllm.model.norms import rms_normalize
 from jaxllm.model.params import ones, param
 from jaxllm.model.weights import CheckpointError, Rule, transpose
@@ -164,21 +165,28 @@ class Experts(nnx.Module):
 
         `index`, `weight`: [T, k], each token's chosen experts and their weights.
         """
-        weights = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        w = quantization.expert_weights(self)  # plain, or quantized (an FP8 checkpoint, Qwix rules)
+        weights = (w.gate_proj, w.up_proj, w.down_proj)
         if self.moe.impl is ExpertsImpl.DENSE:
-            return dense_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs)
-        return routed_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs, moe=self.moe)
+            return dense_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs,
+                                 act_rule=w.act_rule)
+        return routed_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs, moe=self.moe,
+                              act_rule=w.act_rule)
 
 
-def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, moe: MoESetup) -> jax.Array:
-    """The chosen experts only, each device running the pairs of the experts it holds (see `_local_experts`)."""
+def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, moe: MoESetup,
+                   act_rule=None) -> jax.Array:
+    """The chosen experts only, each device running the pairs of the experts it holds (see `_local_experts`).
+
+    The weights are arrays, or Qwix `QArray`s when quantized (an FP8 checkpoint, Qwix rules);
+    `act_rule`: the Qwix rule that quantizes the expert inputs too (`quantization.expert_einsum`)."""
     tokens = P(Axis.MLP_DATA, None)
     edf, efd = (P(*spec) for spec in moe.shardings())
     expert_axis = Axis.EXPERT if moe.expert_parallel else None  # each device's own experts, else all of them
     reduce_axis = Axis.EXPERT if moe.expert_parallel else Axis.MLP_TENSOR
     local = functools.partial(_local_experts, act=act, weight_inputs=weight_inputs,
                               chunk=chunk_rows(index.size, gate.shape[0]), expert_axis=expert_axis,
-                              reduce_axis=reduce_axis)
+                              reduce_axis=reduce_axis, act_rule=act_rule)
     return jax.shard_map(local, mesh=moe.mesh, in_specs=(tokens, tokens, tokens, edf, edf, efd),
                          out_specs=tokens, check_vma=False)(x, index, weight, gate, up, down)
 
@@ -194,7 +202,8 @@ def chunk_rows(pairs: int, num_experts: int) -> int:
     return 1 << min(8, max(0, (pairs // (2 * num_experts)).bit_length() - 1))
 
 
-def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chunk, expert_axis, reduce_axis):
+def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chunk, expert_axis, reduce_axis,
+                   act_rule):
     """One device: its experts' pairs, sorted by expert, each expert's rows `chunk` at a time.
 
     x: [T, D] (every token); index, weight: [T, k]; gate, up: [E_local, D, F_local],
@@ -205,6 +214,7 @@ def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chun
     """
     num_tokens, k = index.shape
     local_experts = gate.shape[0]
+    mm = functools.partial(quantization.expert_einsum, act_rule=act_rule)
     first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * local_experts
     expert = index.reshape(-1) - first
     here = (expert >= 0) & (expert < local_experts)
@@ -231,8 +241,8 @@ def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chun
             # rows with these weights; the next expert, run later, overwrites them.
             start = starts[e] + j * chunk
             h = jax.lax.dynamic_slice_in_dim(rows, start, chunk)
-            h = act(jnp.einsum("TD,DF->TF", h, g)) * jnp.einsum("TD,DF->TF", h, u)
-            return jax.lax.dynamic_update_slice_in_dim(out, jnp.einsum("TF,FD->TD", h, d), start, axis=0)
+            h = act(mm("TD,DF->TF", h, g)) * mm("TD,DF->TF", h, u)
+            return jax.lax.dynamic_update_slice_in_dim(out, mm("TF,FD->TD", h, d), start, axis=0)
 
         return jax.lax.fori_loop(0, (counts[e] + chunk - 1) // chunk, run_chunk, out)
 
@@ -245,21 +255,22 @@ def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chun
     return jax.lax.psum(combined.astype(x.dtype), reduce_axis)
 
 
-def dense_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool) -> jax.Array:
+def dense_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, act_rule=None) -> jax.Array:
     """Every expert on every token, zero weights dropping the unchosen: E / top_k times the routed FLOPs.
 
     The reference for the routed path (tests, benchmarks); sharded weights are left
     to XLA's partitioner.
     """
     num_tokens, num_experts = x.shape[0], gate.shape[0]
+    mm = functools.partial(quantization.expert_einsum, act_rule=act_rule)
     weights = jnp.zeros((num_tokens, num_experts), jnp.float32)
     weights = weights.at[jnp.arange(num_tokens)[:, None], index].add(weight.astype(jnp.float32))
     if weight_inputs:
         x = jnp.einsum("TD,TE->ETD", x, weights.astype(x.dtype))
-        h = act(jnp.einsum("ETD,EDF->ETF", x, gate)) * jnp.einsum("ETD,EDF->ETF", x, up)
-        return jnp.einsum("ETF,EFD->TD", h, down)
-    h = act(jnp.einsum("TD,EDF->ETF", x, gate)) * jnp.einsum("TD,EDF->ETF", x, up)
-    out = jnp.einsum("ETF,EFD->ETD", h, down)
+        h = act(mm("ETD,EDF->ETF", x, gate)) * mm("ETD,EDF->ETF", x, up)
+        return mm("ETF,EFD->TD", h, down)
+    h = act(mm("TD,EDF->ETF", x, gate)) * mm("TD,EDF->ETF", x, up)
+    out = mm("ETF,EFD->ETD", h, down)
     return jnp.einsum("ETD,TE->TD", out, weights.astype(out.dtype))
 
 

@@ -131,6 +131,8 @@ def load_checkpoint(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]]
         values = rule.transform(array)
         row = None if rule.row is None else int(rule.row.format(*m.groups()))
         for target, value in zip(targets, values, strict=True):
+            if target not in params and f"{target}.array.qvalue" in params:
+                target = f"{target}.array.qvalue"  # a weight the model holds quantized (Qwix's form): its values
             param = params.get(target)
             if param is None:
                 raise CheckpointError(f"unexpected {where}: the model has no parameter {target!r}")
@@ -142,7 +144,10 @@ def load_checkpoint(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]]
                                       + ("" if row is None else f" for row {row}")
                                       + (" after conversion" if value is not array else ""))
             sharding = NamedSharding(mesh, P(*(param.get_metadata("out_sharding", None) or ())))
-            value = np.asarray(value).astype(dtype)
+            # Each parameter keeps the dtype it was created in: the model's `dtype`, or a quantized
+            # weight's own (fp8 values, fp32 scales).
+            param_dtype = param.get_value().dtype
+            value = np.asarray(value).astype(param_dtype)
             if row is None:
                 param.set_value(jax.device_put(value, sharding))
                 filled[target] = where
@@ -150,7 +155,7 @@ def load_checkpoint(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]]
             # One row of a stacked parameter: written in place, so host memory still holds one tensor.
             done = rows_filled.setdefault(target, set())
             if not done:
-                param.set_value(_zeros(param.shape, dtype, sharding))
+                param.set_value(_zeros(param.shape, param_dtype, sharding))
             param.set_value(_set_row(param.value, row, value))
             done.add(row)
             if len(done) == param.shape[0]:

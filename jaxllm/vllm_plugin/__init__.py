@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def register() -> None:
     from jaxllm import platform
-    from jaxllm.vllm_plugin import host, kv_cache, models, multimodal, runner_fixes
+    from jaxllm.vllm_plugin import host, kv_cache, models, multimodal, quantization, runner_fixes
 
     if not platform.on_tpu():
         host.install_all()  # before tpu-inference's sampler is imported (its jit reads compile options)
@@ -20,3 +20,4 @@ def register() -> None:
     models.install_all()
     kv_cache.install_all()
     multimodal.install_all()
+    quantization.install_all()
