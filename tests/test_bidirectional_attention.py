@@ -12,11 +12,21 @@ mask per request, and the cache with the exact `merge_kv` rows.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tpu_inference.kernels.ragged_paged_attention.v3 import kernel as tpu_rpa
 
-from test_attention import F32, BF16, RPA, assert_bitwise_equal, assert_cache_updated_exactly, make_case, tol
+from jaxllm.attention import bidirectional
+from jaxllm.attention.bidirectional import run_ids
+from jaxllm.attention.portable import ragged_paged_attention
+from test_attention import BF16, F32, F32_TOL, RPA, assert_bitwise_equal, assert_cache_updated_exactly, \
+    expected_cache, make_case, tol
+from test_tpu_kernel_interpret import assert_matches_portable, runner_case, tpu_branch  # noqa: F401 (a fixture)
+from test_tpu_kernel_interpret import slow as interpret_slow
 
 # (decodes' kv_len, full prefills, chunked prefills (q_len, kv_len)), on pages of 16
 SPECS = ([33, 300, 17], [300, 40], [(420, 700), (20, 90), (5, 300)])
@@ -120,3 +130,162 @@ def test_rejects_block_ids_of_another_length():
     case = make_case(3, *SPECS, heads=(4, 2, 128), dtype=F32, **SHAPES)
     with pytest.raises(ValueError, match="block_ids shape"):
         run(case, np.full(5, -1, np.int32))
+
+
+# ---------------------------------------------------------------------------
+# The model's block ids: runs of vision tokens, split at request boundaries.
+
+
+def test_run_ids_number_runs_within_requests():
+    member = np.array([0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1], bool)
+    #                  request 0  | req. 1 | request 2  | padding
+    cu_q_lens = np.array([0, 4, 6, 10, 10], np.int32)
+    distribution = np.array([0, 0, 3], np.int32)
+    ids = np.asarray(run_ids(jnp.asarray(member), jnp.asarray(cu_q_lens), jnp.asarray(distribution)))
+    # A run crossing from request 1 into 2 is two runs; a run of one token is a run; padding is -1.
+    np.testing.assert_array_equal(ids, [-1, 1, 1, -1, 4, 4, 6, 6, -1, 9, -1, -1])
+
+
+# ---------------------------------------------------------------------------
+# The TPU branch's virtual requests, with the portable attention standing in for the kernel.
+
+
+def stand_in_kernel(captured, **opts):
+    """What `attend_blocks_on_tpu` calls on TPU, as the portable attention: non-causal, no cache write.
+    Each call's arrays are also handed to `captured` (through a callback), to check them after."""
+    def attend(q, k, v, cache, *virtual):
+        jax.debug.callback(lambda *arrays: captured.append([np.asarray(a) for a in arrays]), *virtual)
+        return ragged_paged_attention(q, k, v, cache, *virtual, use_causal_mask=False, update_kv_cache=False,
+                                      **opts)
+    return attend
+
+
+@pytest.mark.parametrize("per_call", [None, 2], ids=["one-call", "two-runs-per-call"])
+@pytest.mark.parametrize("window", [37, 8])
+def test_tpu_virtual_requests_give_the_block_mask(monkeypatch, per_call, window):
+    """`attend_blocks_on_tpu` after a causal call == the portable attention with `block_ids`; each
+    call's virtual arrays pass the kernel's own input checks (0 < q_len <= kv_len, pages in the
+    table, page ids in the cache) and stay within the scalar memory of the requests' own tables."""
+    if per_call is not None:
+        monkeypatch.setattr(bidirectional, "max_block_requests", lambda *args: per_call)
+    case = make_case(4, *SPECS, heads=(4, 2, 128), dtype=F32, **SHAPES)
+    ids = block_ids(case)
+    opts = dict(sm_scale=case.head_dim ** -0.5, sliding_window=window)
+    captured = []
+
+    @jax.jit
+    def tpu_way(q, k, v, cache, *metadata):
+        out, cache = ragged_paged_attention(q, k, v, cache, *metadata, **opts)
+        return bidirectional.attend_blocks_on_tpu(stand_in_kernel(captured, **opts), out, cache, q, k, v,
+                                                  jnp.asarray(ids), *metadata, sliding_window=window,
+                                                  page_size=case.page_size)
+
+    out, cache = tpu_way(*case.args())
+    expected, _ = run(case, ids, **opts)
+    n = case.num_real_tokens
+    np.testing.assert_allclose(np.asarray(out)[:n], expected[:n], **F32_TOL)
+    assert_cache_updated_exactly(case, np.asarray(cache))
+
+    runs = sum(length >= 2 for _, _, length in RUNS)  # one-token runs are left to the causal call
+    assert len(captured) == (1 if per_call is None else -(-runs // per_call))
+    assert sum(int(c[3][2]) for c in captured) == runs
+    for kv_lens, pages, cu, distribution in captured:
+        tpu_rpa.dynamic_validate_inputs(*(jnp.asarray(a) for a in (case.q, case.k, case.v, case.cache)),
+                                        jnp.asarray(kv_lens), jnp.asarray(pages), jnp.asarray(cu),
+                                        jnp.asarray(distribution))
+        assert tpu_rpa.get_smem_estimate_bytes(len(kv_lens), len(pages) // len(kv_lens)) <= \
+            tpu_rpa.get_smem_estimate_bytes(len(case.kv_lens), len(case.page_indices) // len(case.kv_lens))
+
+
+# ---------------------------------------------------------------------------
+# dispatch's TPU branch with tpu-inference's real RPA v3 kernel, interpreted on the CPU.
+
+# A batch of test_tpu_kernel_interpret's shapes: 4 decodes, a prefill of 40, chunked prefills (50 of
+# 100) and (10 of 70); pages of 16.
+KERNEL_RUNS = [(0, 0, 1), (4, 5, 20), (5, 0, 30), (5, 35, 15), (6, 2, 8)]
+
+
+@pytest.mark.parametrize("dtype,window,mesh_shape", [
+    (F32, 8, (1, 2)),
+    pytest.param(F32, 37, (1, 1), marks=interpret_slow),
+    pytest.param(BF16, 8, (1, 1), marks=interpret_slow),
+], ids=["window8-f32-tp2", "window37-f32", "window8-bf16"])
+def test_tpu_branch_on_the_real_kernel(tpu_branch, dtype, window, mesh_shape):
+    """The kernel's causal call, then its non-causal call over the runs' virtual requests (KV heads
+    sharded over two devices in the first case) == the portable attention's block mask; the cache
+    is written once, exactly."""
+    case = runner_case(8, (4, 2, 128), dtype)
+    ids = jnp.asarray(block_ids(case, KERNEL_RUNS))
+    out, cache = tpu_branch(case, mesh_shape=mesh_shape, sliding_window=window, block_ids=ids)
+    assert_matches_portable(case, out, sliding_window=window, block_ids=ids)
+    assert_cache_updated_exactly(case, cache)
+    # ... and the runs made a difference the tolerance sees.
+    causal, _ = tpu_branch(case, mesh_shape=mesh_shape, sliding_window=window)
+    n = case.num_real_tokens
+    assert np.abs(causal[:n].astype(np.float32) - out[:n].astype(np.float32)).max() > 0.1
+
+
+@interpret_slow
+def test_tpu_branch_on_a_kv_shared_layer(tpu_branch):
+    """update_kv_cache=False (the donor wrote this step's K/V): both kernel calls read the cache only."""
+    case = runner_case(9, (4, 2, 128), F32)
+    donor_written = expected_cache(case)
+    ids = jnp.asarray(block_ids(case, KERNEL_RUNS))
+    out, cache = tpu_branch(case, donor_written, sliding_window=8, update_kv_cache=False, block_ids=ids)
+    assert_matches_portable(case, out, donor_written, sliding_window=8, update_kv_cache=False, block_ids=ids)
+    assert_bitwise_equal(cache, donor_written)
+
+
+# ---------------------------------------------------------------------------
+# Scalar memory: the virtual tables need no more SMEM than the requests' own.
+
+# Gemma 4 31B's sliding layers at tensor parallelism 8: 32 / 8 query heads, 16 / 8 KV heads of 256.
+GEMMA4_31B_WINDOW = 1024
+
+
+@pytest.mark.parametrize("num_tokens", [2048, 8192])
+@pytest.mark.parametrize("max_model_len", [8192 << i for i in range(6)])
+def test_virtual_tables_fit_the_requests_smem(max_model_len, num_tokens):
+    """8k..256k tokens x 1..256 sequences, the page size tpu-inference picks: each kernel call's arrays
+    (traced, not computed) pass the kernel's compile-time checks, its SMEM estimate is at most that of
+    the requests' own tables (which tpu-inference sizes to fit), and one call takes at least
+    min(requests, T / 2) runs, every run of the step where each has >= 2 tokens and one per request."""
+    from test_chunked_smem import tpu_inference_page_size
+    from tpu_inference.runner.tpu_runner import MIN_NUM_SEQS
+
+    for max_num_seqs in (1, 4, 16, 64, 256):
+        page_size = tpu_inference_page_size(max_model_len, max_num_seqs)
+        rows = max(max_num_seqs, MIN_NUM_SEQS)
+        pages_per_seq = -(-max_model_len // page_size)
+        shapes = virtual_shapes(rows, pages_per_seq, num_tokens, page_size)
+        kv_lens, page_indices, cu_q_lens, distribution = shapes
+        virtual_rows, width = kv_lens.shape[0], page_indices.shape[0] // kv_lens.shape[0]
+        where = f"{max_model_len=} {max_num_seqs=} {num_tokens=} {page_size=}: {virtual_rows} x {width}"
+        assert tpu_rpa.get_smem_estimate_bytes(virtual_rows, width) <= \
+            tpu_rpa.get_smem_estimate_bytes(rows, pages_per_seq), where
+        assert virtual_rows >= min(rows, num_tokens // 2), where
+        assert width * page_size >= min(GEMMA4_31B_WINDOW + num_tokens - 1, max_model_len), where
+
+
+def virtual_shapes(rows, pages_per_seq, num_tokens, page_size):
+    """The arrays `attend_blocks_on_tpu` hands the kernel, as shapes, checked by the kernel's static validation."""
+    bf16 = jnp.bfloat16
+
+    def shape(*s, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(s, dtype)
+
+    seen = []
+
+    def attend(q, k, v, cache, *virtual):
+        seen.append(virtual)
+        tpu_rpa.static_validate_inputs(q, k, v, cache, *virtual)
+        return q, cache
+
+    q, kv = shape(num_tokens, 4, 256, dtype=bf16), shape(num_tokens, 2, 256, dtype=bf16)
+    cache = shape(*tpu_rpa.get_kv_cache_shape(64, page_size, 2, 256, bf16), dtype=bf16)
+    run = functools.partial(bidirectional.attend_blocks_on_tpu, attend, sliding_window=GEMMA4_31B_WINDOW,
+                            page_size=page_size)
+    jax.eval_shape(run, q, cache, q, kv, kv, shape(num_tokens), shape(rows), shape(rows * pages_per_seq),
+                   shape(rows + 1), shape(3))
+    (virtual,) = seen
+    return virtual
