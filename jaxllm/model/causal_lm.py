@@ -51,6 +51,11 @@ class CausalLM(nnx.Module):
     unserved_modalities: tuple[str, ...] = ()  # what vLLM's processor takes but we don't (refused per request)
     needs_token_ids = False                    # __call__ needs input_ids even with inputs_embeds
 
+    @classmethod
+    def attends_within_images(cls, hf_config) -> bool:
+        """Whether an image's tokens attend to each other ahead, so that an image must be in one step."""
+        return False
+
     def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh):
         model_config = vllm_config.model_config
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
