@@ -139,7 +139,7 @@ def test_rejects_block_ids_of_another_length():
 def test_run_ids_number_runs_within_requests():
     member = np.array([0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1], bool)
     #                  request 0  | req. 1 | request 2  | padding
-    cu_q_lens = np.array([0, 4, 6, 10, 10], np.int32)
+    cu_q_lens = np.array([0, 4, 6, 10, 6, 0], np.int32)  # past num_seqs: junk, pointing at a real start
     distribution = np.array([0, 0, 3], np.int32)
     ids = np.asarray(run_ids(jnp.asarray(member), jnp.asarray(cu_q_lens), jnp.asarray(distribution)))
     # A run crossing from request 1 into 2 is two runs; a run of one token is a run; padding is -1.

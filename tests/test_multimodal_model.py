@@ -242,3 +242,19 @@ def test_the_plugin_keeps_bidirectional_images_whole():
     assert not whole("gemma4")
     assert not whole("gemma4-bidi", limit_mm_per_prompt={"image": 0, "video": 0, "audio": 0})
     assert not Gemma4Config.from_hf(Gemma4TextConfig(use_bidirectional_attention="vision")).bidirectional_vision
+
+
+def test_refusing_audio_and_video_leaves_images_on():
+    """tpu-inference's runner serves a model text-only when every limit *listed* is 0: with audio and
+    video set to 0, the image limit must be listed too (999, vLLM's default), or images never reach
+    the model (vLLM would serve image prompts as if the image were pad tokens)."""
+    from vllm.config import ModelConfig, VllmConfig
+
+    from jaxllm.vllm_plugin.multimodal import refuse_unserved_modalities
+
+    config = VllmConfig(model_config=ModelConfig(model=str(checkpoint("gemma4")[1]), dtype="float32",
+                                                 max_model_len=256))
+    refuse_unserved_modalities(config)
+    limits = config.model_config.multimodal_config.limit_per_prompt
+    assert limits["audio"].count == limits["video"].count == 0 and limits["image"].count == 999
+    assert not all(limit.count == 0 for limit in limits.values())  # tpu_runner.py's disable_mm_from_limits

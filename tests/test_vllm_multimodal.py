@@ -10,6 +10,17 @@ HF's within 1e-4, as in test_vllm_generate.py.
 The first engine runs tpu-inference's warm-up (`SKIP_JAX_PRECOMPILE=0`), the path
 users run: it compiles the multimodal steps (`embed_input_ids`, the backbone on
 embeddings, our image encoder) before any request. The others skip it to save time.
+
+"gemma4-bidi" serves the tiny Gemma 4 with `use_bidirectional_attention="vision"`
+(each image's soft tokens attend to each other on sliding layers, as 31B / 26B-A4B),
+with steps of at most 80 tokens: the prompts (90 and 157 tokens) are prefilled in
+several steps, and the plugin must keep each image (66 soft tokens) whole in one. The
+1-image prompt is then asked again and served from the prefix cache (64 of its 90
+tokens, a hit that ends inside the image: the rest of it comes in one step).
+
+Torch runs single-threaded while an engine starts: vLLM forks its engine core, and the
+child of a process whose torch thread pool has run (HF's references of an earlier case)
+hangs in its first parallel torch op (the runner stacking two images' pixels).
 """
 
 from __future__ import annotations
@@ -27,11 +38,12 @@ MAX_TOKENS = 12
 LOGPROB_ATOL = 1e-4
 
 CASES = {
-    # name: (arch, engine args, run tpu-inference's warm-up)
-    "gemma4-warmup": ("gemma4", {}, True),
-    "gemma4-tp2": ("gemma4", {"tensor_parallel_size": 2}, False),
-    "llama4": ("llama4", {}, False),
-    "llama4-tp2": ("llama4", {"tensor_parallel_size": 2}, False),
+    # name: (arch, engine args, run tpu-inference's warm-up, checkpoint overrides)
+    "gemma4-warmup": ("gemma4", {}, True, {}),
+    "gemma4-tp2": ("gemma4", {"tensor_parallel_size": 2}, False, {}),
+    "gemma4-bidi": ("gemma4", {"max_num_batched_tokens": 80}, False, {"use_bidirectional_attention": "vision"}),
+    "llama4": ("llama4", {}, False, {}),
+    "llama4-tp2": ("llama4", {"tensor_parallel_size": 2}, False, {}),
 }
 
 
@@ -76,25 +88,36 @@ def hf_greedy(path, hf_inputs_list):
 @pytest.mark.parametrize("case", CASES)
 def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
     from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError  # not a ValueError
 
-    arch, engine_args, warm_up = CASES[case]
+    arch, engine_args, warm_up, overrides = CASES[case]
     monkeypatch.setenv("SKIP_JAX_PRECOMPILE", "0" if warm_up else "1")
-    path = cached_checkpoint(arch, "tiny", multimodal=True)
+    path = cached_checkpoint(arch, "tiny", multimodal=True, **overrides)
     prompts = requests(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for the forked engine core (see above)
     llm = LLM(model=str(path), max_model_len=512, max_num_seqs=4, dtype="float32", seed=0,
               num_gpu_blocks_override=96, **engine_args)
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
         outputs = llm.generate([prompt for prompt, _ in prompts], params)
-        if arch == "gemma4":  # vLLM's processor takes video for Gemma 4; ours refuses it, per request
-            video = np.zeros((2, 32, 32, 3), np.uint8)
-            with pytest.raises(ValueError, match=r"At most 0 video\(s\)"):
+        if overrides:  # gemma4-bidi
+            assert llm.llm_engine.vllm_config.scheduler_config.disable_chunked_mm_input
+            prompts.append(prompts[1])  # the 1-image prompt again: its image from the prefix cache
+            outputs += llm.generate(prompts[-1][0], params)
+            assert outputs[-1].num_cached_tokens >= len(outputs[-1].prompt_token_ids) // 2
+        if arch == "gemma4" and not overrides:  # vLLM's processor takes video for Gemma 4; ours refuses it
+            # (frames, metadata): Gemma 4's parser asks for the metadata before the limit is checked.
+            video = (np.zeros((2, 32, 32, 3), np.uint8), {"fps": 1.0, "total_num_frames": 2, "duration": 2.0,
+                                                           "frames_indices": [0, 1]})
+            with pytest.raises(VLLMValidationError, match=r"At most 0 video\(s\)"):
                 llm.generate({"prompt": "<|video|>", "multi_modal_data": {"video": video}}, params)
             assert len(llm.generate(prompts[0][0], params)[0].outputs[0].token_ids) == MAX_TOKENS  # still serving
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+        torch.set_num_threads(threads)
     for output, (prompt_ids, tokens, logprobs) in zip(outputs, hf_greedy(path, [hf for _, hf in prompts])):
         got = list(output.outputs[0].token_ids)
         assert output.prompt_token_ids == prompt_ids  # vLLM expanded the image placeholders as HF does

@@ -44,8 +44,9 @@ def run_ids(member: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array) ->
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs = distribution[2]
     member = member & (t < cu_q_lens[num_seqs])
-    request_start = jnp.zeros(num_tokens, bool).at[cu_q_lens[:-1]].set(
-        jnp.arange(cu_q_lens.shape[0] - 1) < num_seqs, mode="drop")
+    live = jnp.arange(cu_q_lens.shape[0] - 1) < num_seqs  # entries past num_seqs hold anything
+    request_start = jnp.zeros(num_tokens, bool).at[jnp.where(live, cu_q_lens[:-1], num_tokens)].set(
+        True, mode="drop")
     previous = jnp.concatenate([jnp.zeros(1, bool), member[:-1]])
     starts = member & (request_start | ~previous)
     # The run's first token is the last start at or before t.

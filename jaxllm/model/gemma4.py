@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
+from tpu_inference.utils import get_mesh_shape_product
 
 from jaxllm.attention.bidirectional import run_ids
 from jaxllm.attention.dispatch import attention
@@ -255,6 +256,9 @@ class JaxGemma4ForCausalLM(CausalLM):
             per_layer = self.per_layer_inputs(self.text_ids(input_ids), x)
         if c.bidirectional_vision and input_ids is None:
             raise NotImplementedError("Gemma 4 bidirectional vision attention needs input_ids beside inputs_embeds")
+        if c.bidirectional_vision and get_mesh_shape_product(self.mesh, Axis.ATTN_DATA) > 1:
+            # The runs are found in one packed batch; attention data parallelism packs one per shard.
+            raise NotImplementedError("Gemma 4 bidirectional vision attention with attention data parallelism")
         runs = {}  # id(metadata) -> its vision runs: every group's metadata describes the same tokens
         kv_caches = list(kv_caches)
         donor_kv = {}  # donor layer -> the (k, v) it computed this step, for the layers sharing its cache

@@ -41,7 +41,7 @@ def install_all() -> None:
 
 def refuse_unserved_modalities(vllm_config) -> None:
     """Set the limit of every modality our model doesn't serve to 0 (or fail, where the user asked for it)."""
-    from vllm.config.multimodal import AudioDummyOptions, BaseDummyOptions, VideoDummyOptions
+    from vllm.config.multimodal import AudioDummyOptions, BaseDummyOptions, ImageDummyOptions, VideoDummyOptions
 
     from jaxllm.vllm_plugin.models import our_class
 
@@ -57,6 +57,11 @@ def refuse_unserved_modalities(vllm_config) -> None:
             raise ValueError(f"--limit-mm-per-prompt {modality}={asked.count}: {cls.__name__} serves image "
                              f"input, not {modality}; set it to 0 (or leave it out)")
         mm.limit_per_prompt[modality] = options.get(modality, BaseDummyOptions)(count=0)
+    if cls.unserved_modalities and "image" not in mm.limit_per_prompt:
+        # tpu-inference's runner turns multimodal input off when every *listed* limit is 0
+        # (tpu_runner.py, `disable_mm_from_limits`), though an unlisted one is 999: list the
+        # image limit, or the images would never reach the model.
+        mm.limit_per_prompt["image"] = ImageDummyOptions(count=mm.get_limit_per_prompt("image"))
     if cls.unserved_modalities:
         logger.info("jaxllm: %s refuses %s input (limit 0 per prompt)", cls.__name__,
                     " and ".join(cls.unserved_modalities))
