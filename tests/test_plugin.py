@@ -191,3 +191,13 @@ def test_gemma4_multimodal_limits_refuse_audio_and_video_and_keep_images():
     assert mm.get_limit_per_prompt("video") == 0 and mm.get_limit_per_prompt("image") == 999
     with pytest.raises(ValueError, match="audio=1: JaxGemma4ForConditionalGeneration serves image input, not audio"):
         VllmConfig(model_config=ModelConfig(model=path, max_model_len=256, limit_mm_per_prompt={"audio": 1}))
+
+
+def test_a_patch_leaves_the_replaced_function_where_it_is_defined():
+    """The portable kernel replaces tpu-inference's Pallas kernel where the attention looks it up,
+    not in the kernel's own module (which interpret-mode tests and anything else still import)."""
+    import tpu_inference.layers.common.attention_interface as attention_interface
+    from tpu_inference.kernels.ragged_paged_attention.v3 import kernel
+
+    assert attention_interface.ragged_paged_attention is ragged_paged_attention
+    assert kernel.ragged_paged_attention is not ragged_paged_attention

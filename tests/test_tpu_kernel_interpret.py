@@ -35,6 +35,7 @@ from jaxllm import platform
 from jaxllm.attention import dispatch
 from jaxllm.attention.chunked import virtual_batches
 from jaxllm.attention.portable import ragged_paged_attention
+from jaxllm.vllm_plugin import patching
 from test_attention import BF16, F32, F32_TOL, assert_bitwise_equal, assert_cache_updated_exactly, \
     expected_cache, make_case
 from tpu_interpret import tpu_kernels_interpreted
@@ -67,9 +68,14 @@ def runner_case(seed, heads, dtype, **kw):
 def tpu_branch(monkeypatch):
     """dispatch.attention's TPU branch with tpu-inference's own kernels, interpreted."""
     take_tpu_branch(monkeypatch, True)
-    # plugin.register() (run by other test modules) puts the portable kernel in their place.
-    monkeypatch.setattr(attention_interface, "ragged_paged_attention", tpu_rpa.ragged_paged_attention)
-    monkeypatch.setattr(attention_interface, "ragged_paged_attention_hd64", tpu_rpa_hd64.ragged_paged_attention_hd64)
+    # plugin.register() (run by other test modules) puts the portable kernel in their place, in
+    # attention_interface and in every module holding the same function, the kernel's own included.
+    for module, name in ((tpu_rpa, "ragged_paged_attention"), (tpu_rpa_hd64, "ragged_paged_attention_hd64")):
+        try:
+            kernel = patching.original(f"{attention_interface.__name__}.{name}")
+        except KeyError:  # not patched in this process
+            kernel = getattr(module, name)
+        monkeypatch.setattr(attention_interface, name, kernel)
     # JAX keeps traced programs of earlier tests (test_attention.py's, with the portable kernel
     # swapped in); those would be reused here and no Pallas kernel would run.
     jax.clear_caches()

@@ -11,6 +11,13 @@ The first engine runs tpu-inference's warm-up (`SKIP_JAX_PRECOMPILE=0`), the pat
 users run: it compiles the multimodal steps (`embed_input_ids`, the backbone on
 embeddings, our image encoder) before any request. The others skip it to save time.
 
+"gemma4-bidi" serves the tiny Gemma 4 with `use_bidirectional_attention="vision"`
+(each image's soft tokens attend to each other on sliding layers, as 31B / 26B-A4B),
+with steps of at most 80 tokens: the prompts (90 and 157 tokens) are prefilled in
+several steps, and the plugin must keep each image (66 soft tokens) whole in one. The
+1-image prompt is then asked again and served from the prefix cache (64 of its 90
+tokens, a hit that ends inside the image: the rest of it comes in one step).
+
 The engine core is spawned, not forked: the Hugging Face reference runs torch in this
 process between engines, and a forked child inherits torch's thread pool in a state
 where its first multithreaded op (batching the images' tensors) never returns.
@@ -31,11 +38,12 @@ MAX_TOKENS = 12
 LOGPROB_ATOL = 1e-4
 
 CASES = {
-    # name: (arch, engine args, run tpu-inference's warm-up)
-    "gemma4-warmup": ("gemma4", {}, True),
-    "gemma4-tp2": ("gemma4", {"tensor_parallel_size": 2}, False),
-    "llama4": ("llama4", {}, False),
-    "llama4-tp2": ("llama4", {"tensor_parallel_size": 2}, False),
+    # name: (arch, engine args, run tpu-inference's warm-up, checkpoint overrides)
+    "gemma4-warmup": ("gemma4", {}, True, {}),
+    "gemma4-tp2": ("gemma4", {"tensor_parallel_size": 2}, False, {}),
+    "gemma4-bidi": ("gemma4", {"max_num_batched_tokens": 80}, False, {"use_bidirectional_attention": "vision"}),
+    "llama4": ("llama4", {}, False, {}),
+    "llama4-tp2": ("llama4", {"tensor_parallel_size": 2}, False, {}),
 }
 
 
@@ -82,12 +90,12 @@ def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
     from vllm import LLM, SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    arch, engine_args, warm_up = CASES[case]
+    arch, engine_args, warm_up, overrides = CASES[case]
     monkeypatch.setenv("SKIP_JAX_PRECOMPILE", "0" if warm_up else "1")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from transformers import AutoTokenizer
 
-    path = cached_checkpoint(arch, "tiny", multimodal=True)
+    path = cached_checkpoint(arch, "tiny", multimodal=True, **overrides)
     chats = conversations()
     prompts = [vllm_prompt(AutoTokenizer.from_pretrained(path), messages) for messages in chats]
     llm = LLM(model=str(path), max_model_len=512, max_num_seqs=4, dtype="float32", seed=0,
@@ -95,7 +103,12 @@ def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
         outputs = llm.generate(prompts, params)
-        if arch == "gemma4":  # vLLM's processor takes video for Gemma 4; ours refuses it, per request
+        if overrides:  # gemma4-bidi
+            assert llm.llm_engine.vllm_config.scheduler_config.disable_chunked_mm_input
+            chats.append(chats[1])  # the 1-image prompt again: its image from the prefix cache
+            outputs += llm.generate(prompts[1], params)
+            assert outputs[-1].num_cached_tokens >= len(outputs[-1].prompt_token_ids) // 2
+        elif arch == "gemma4":  # vLLM's processor takes video for Gemma 4; ours refuses it, per request
             frames = np.zeros((2, 32, 32, 3), np.uint8)
             metadata = {"total_num_frames": 2, "fps": 1.0, "duration": 2.0, "frames_indices": [0, 1]}
             with pytest.raises(VLLMValidationError, match=r"At most 0 video\(s\)"):

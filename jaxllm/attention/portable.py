@@ -2,7 +2,9 @@
 
 Same arguments, cache layout and results as tpu-inference's RPA v3 kernel
 (`kernels/ragged_paged_attention/v3/kernel.py`), plus a Llama 4 chunked-local mask,
-including quantized (fp8) caches with the kernel's static `q/k/v_scale`.
+Gemma 4's bidirectional blocks (`block_ids`: runs of this step's tokens that also
+attend to each other ahead, within the sliding window), and quantized (fp8) caches
+with the kernel's static `q/k/v_scale`.
 
 Layout. A batch is `T` query tokens packed request after request (`cu_q_lens`),
 decode-only requests first (`distribution = (decode_end, prefill_end, num_seqs)`).
@@ -27,7 +29,8 @@ metadata, so work follows the tokens actually attended, not `max_model_len`:
   `Tiling.few_decode_rows` rows go one at a time, since a tile gathers and computes
   all its rows, live or not;
 - every other request goes query block by query block, over only the KV blocks
-  its causal / sliding / chunked mask can reach.
+  its causal / sliding / chunked mask can reach (with `block_ids`, up to the end
+  of the last query's block).
 Softmax is the online (flash) form in fp32, so no `[q, kv_len]` score matrix exists.
 """
 
@@ -119,6 +122,7 @@ def ragged_paged_attention(
     distribution: jax.Array,  # i32[3]
     attention_sink: jax.Array | None = None,  # f32[N], an extra softmax logit per head
     *,
+    block_ids: jax.Array | None = None,  # i32[T]: bidirectional block of each token, -1 for none
     sm_scale: float = 1.0,
     sliding_window: int | None = None,
     chunk_size: int | None = None,
@@ -146,6 +150,11 @@ def ragged_paged_attention(
     A quantized (fp8) cache takes keys/values already quantized to its dtype
     (tpu-inference's `quantize_kv`) and their static scales: stored values are read
     exactly (fp8 -> fp32), scores scaled by `k_scale`, `p @ v` by `v_scale`, as the kernel does.
+    `block_ids`: a query may also attend to the keys ahead of it that are tokens of
+    this step with its (non-negative) id, the other masks still applying (so with a
+    sliding window: AND(window, OR(causal, same block)), as transformers masks Gemma 4's
+    sliding layers for images). Each id must mark one contiguous run of one request's
+    tokens; decode requests (one token) are unaffected.
     """
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive, got {sliding_window}")
@@ -167,6 +176,8 @@ def ragged_paged_attention(
     if not jnp.issubdtype(kv_cache.dtype, jnp.floating):
         raise ValueError(f"kv_cache dtype {kv_cache.dtype}: only floating-point caches are supported, as in "
                          "the TPU kernel")
+    if block_ids is not None and block_ids.shape != (num_tokens,):
+        raise ValueError(f"block_ids shape {block_ids.shape} != ({num_tokens},), one per query token")
 
     batch = _Batch.build(kv_lens, page_indices, cu_q_lens, distribution, num_tokens)
     pages_per_block = max(1, tiling.kv_block_tokens // page_size)
@@ -176,13 +187,14 @@ def ragged_paged_attention(
     # the queries quantized to the cache's dtype the way the kernel does it), p @ v by v_scale.
     score_scale = sm_scale * (1.0 if k_scale is None else k_scale) * (1.0 if q_scale is None else q_scale)
     scored_queries = queries if q_scale is None else _quantize_like_kernel(queries, q_scale, kv_cache.dtype)
+    pad = max(tiling.decode_tile, tiling.query_block)
+    blocks = None if block_ids is None else _Blocks.build(block_ids, batch, pad)
     attend = _Attend(layout, batch, keys.astype(jnp.float32), values.astype(jnp.float32), page_size,
                      pages_per_block, tiling.query_block, masks, score_scale, v_scale, soft_cap, attention_sink,
-                     num_heads, queries.dtype)
+                     num_heads, queries.dtype, blocks)
 
     if update_kv_cache:
         kv_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
-    pad = max(tiling.decode_tile, tiling.query_block)
     q = jnp.pad(scored_queries, ((0, pad), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + pad, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = jnp.zeros(q.shape, queries.dtype)
@@ -250,15 +262,35 @@ def _write_kv(kv_cache, rows, batch: _Batch, page_size):
 
 
 @dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """Bidirectional blocks: per token (padded by `pad` rows of -1), its block id and how far its keys reach."""
+    ids: jax.Array      # [T + pad]
+    key_end: jax.Array  # [T + pad]: one past the last key position a token may attend to (kv_len aside)
+
+    @classmethod
+    def build(cls, block_ids, batch: _Batch, pad: int):
+        num_tokens = block_ids.shape[0]
+        t = jnp.arange(num_tokens, dtype=jnp.int32)
+        ids = jnp.where(batch.token_valid, block_ids.astype(jnp.int32), -1)
+        following = jnp.concatenate([ids[1:], jnp.full((1,), -1, jnp.int32)])
+        last = (ids >= 0) & (following != ids)  # the last token of its block
+        # A block is one contiguous run: the first last-token at or after t ends t's block.
+        block_end = lax.cummin(jnp.where(last, t, num_tokens), reverse=True)
+        key_end = batch.token_position + 1 + jnp.where(ids >= 0, block_end - t, 0)
+        return cls(jnp.pad(ids, (0, pad), constant_values=-1), jnp.pad(key_end, (0, pad)))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Masks:
     causal: bool
     sliding_window: int | None
     chunk_size: int | None
 
-    def allowed(self, q_pos, k_pos, kv_len):
+    def allowed(self, q_pos, k_pos, kv_len, same_block=None):
+        """`same_block`: where a query and a key share a bidirectional block (lifts only the causal mask)."""
         ok = k_pos < kv_len
         if self.causal:
-            ok &= k_pos <= q_pos
+            ok &= k_pos <= q_pos if same_block is None else (k_pos <= q_pos) | same_block
         if self.sliding_window is not None:
             ok &= k_pos > q_pos - self.sliding_window
         if self.chunk_size is not None:
@@ -295,10 +327,20 @@ class _Attend:
     sink: jax.Array | None
     num_heads: int
     out_dtype: jnp.dtype
+    blocks: _Blocks | None = None
 
     @property
     def block_tokens(self):
         return self.pages_per_block * self.page_size
+
+    def _new_tokens(self, request, k_pos):
+        """Which key positions k_pos [..., s] of `request` are this step's tokens, and their token index."""
+        batch = self.batch
+        kv_len = batch.kv_lens[request][..., None]
+        first_new = kv_len - batch.q_lens[request][..., None]
+        is_new = (k_pos >= first_new) & (k_pos < kv_len)
+        token = jnp.clip(batch.q_starts[request][..., None] + k_pos - first_new, 0, self.new_keys.shape[0] - 1)
+        return is_new, token
 
     def _kv_block(self, kv_cache, request, block, k_pos):
         """K, V [..., block_tokens, K, H] in fp32 at positions k_pos of `request`: the cache, or this step's tokens."""
@@ -306,11 +348,7 @@ class _Attend:
         rows = kv_cache[pages]                      # [..., pages, page_size, slots/p, p, width]
         rows = rows.reshape(*rows.shape[:-5], self.block_tokens, *rows.shape[-3:])
         k, v = self.layout.split(rows)
-        batch = self.batch
-        kv_len = batch.kv_lens[request][..., None]
-        first_new = kv_len - batch.q_lens[request][..., None]
-        is_new = (k_pos >= first_new) & (k_pos < kv_len)
-        token = jnp.clip(batch.q_starts[request][..., None] + k_pos - first_new, 0, self.new_keys.shape[0] - 1)
+        is_new, token = self._new_tokens(request, k_pos)
         is_new = is_new[..., None, None]
         k = jnp.where(is_new, self.new_keys[token], k.astype(jnp.float32))
         v = jnp.where(is_new, self.new_values[token], v.astype(jnp.float32))
@@ -352,12 +390,18 @@ class _Attend:
         _, l, acc = state
         return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(dtype)
 
-    def _attend_range(self, kv_cache, q, q_pos, request, kv_len, first_block, end_block):
-        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block)."""
+    def _attend_range(self, kv_cache, q, q_pos, request, kv_len, first_block, end_block, q_blocks=None):
+        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block);
+        `q_blocks` [..., q]: the queries' bidirectional block ids."""
         def body(block, state):
             k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
             k, v = self._kv_block(kv_cache, request, block, k_pos)
-            allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None])
+            same_block = None
+            if q_blocks is not None:
+                is_new, token = self._new_tokens(request, k_pos)
+                k_blocks = jnp.where(is_new, self.blocks.ids[token], -1)
+                same_block = (q_blocks[..., :, None] == k_blocks[..., None, :]) & (q_blocks[..., :, None] >= 0)
+            allowed = self.masks.allowed(q_pos[..., :, None], k_pos, kv_len[..., None, None], same_block)
             # Slots no query here may see hold stale data or, past a window, pages already
             # returned to the pool (vLLM's null block): maybe NaN, and 0 * NaN would leak
             # through p @ v.
@@ -408,8 +452,13 @@ class _Attend:
                 first = self.masks.first_key(q_pos[0])
                 end = self.masks.key_end(last_pos, kv_len)
                 q_block = lax.dynamic_slice_in_dim(q, q_start + j * bq, bq)
+                q_blocks = None
+                if self.blocks is not None:
+                    q_blocks = lax.dynamic_slice_in_dim(self.blocks.ids, q_start + j * bq, bq)
+                    block_end = lax.dynamic_slice_in_dim(self.blocks.key_end, q_start + j * bq, bq)
+                    end = jnp.maximum(end, jnp.minimum(jnp.where(live, block_end, 0).max(), kv_len))
                 new = self._attend_range(kv_cache, q_block, q_pos, r, kv_len,
-                                         first // self.block_tokens, _cdiv(end, self.block_tokens))
+                                         first // self.block_tokens, _cdiv(end, self.block_tokens), q_blocks)
                 old = lax.dynamic_slice_in_dim(out, q_start + j * bq, bq)
                 return lax.dynamic_update_slice_in_dim(
                     out, jnp.where(live[:, None, None, None], new, old), q_start + j * bq, 0)

@@ -62,6 +62,11 @@ class CausalLM(nnx.Module):
     unserved_modalities: tuple[str, ...] = ()  # what vLLM's processor takes but we don't (refused per request)
     needs_token_ids = False                    # __call__ needs input_ids even with inputs_embeds
 
+    @classmethod
+    def attends_within_images(cls, hf_config) -> bool:
+        """Whether an image's tokens attend to each other ahead, so that an image must be in one step."""
+        return False
+
     def __init__(self, vllm_config, rng_key: jax.Array, mesh: Mesh, moe: MoESetup | None = None):
         """`moe`: how the experts are laid out and run; by default what vLLM's flags ask for
         (tests and benchmarks pass their own, e.g. the dense reference)."""

@@ -180,6 +180,12 @@ class Gemma4Config:
     # (as transformers does) since we run no vision or audio tower.
     placeholder_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    # `use_bidirectional_attention="vision"` (31B, 26B-A4B) on a multimodal checkpoint: on sliding
+    # layers, each contiguous run of image/video soft tokens (`vision_token_ids`) also attends to
+    # itself ahead, still within the window below (transformers' `create_masks_for_vision_model`:
+    # AND(sliding_window, OR(causal, same run))); full layers and text stay causal.
+    bidirectional_vision: bool = False
+    vision_token_ids: tuple[int, ...] = ()
 
     @property
     def kv_donors(self) -> frozenset[int]:
@@ -200,7 +206,7 @@ class Gemma4Config:
         _require(not c.attention_bias, "Gemma 4 attention_bias=True is not supported")
         _require(c.use_bidirectional_attention in (None, "vision"),
                  f"Gemma 4 use_bidirectional_attention={c.use_bidirectional_attention!r}: only causal text "
-                 "attention is supported (None or 'vision', which is causal for text)")
+                 "attention is supported (None, or 'vision': image soft tokens attend to each other)")
         _require(c.hidden_activation in ACTIVATIONS,
                  f"Gemma 4 hidden_activation={c.hidden_activation!r}: supported are {sorted(ACTIVATIONS)}")
         per_layer = set(c.per_layer_attributes or ()) - _GEMMA4_PER_LAYER_FIELDS
@@ -264,11 +270,15 @@ class Gemma4Config:
             for field in ("num_experts", "top_k_experts", "moe_intermediate_size"):
                 _require(getattr(c, field) is not None, f"Gemma 4 enable_moe_block=True needs {field}")
         ple = c.hidden_size_per_layer_input or 0
-        placeholders = ()
+        placeholders, vision = (), ()
         if c is not hf_config:  # a multimodal checkpoint
             placeholders = tuple(getattr(hf_config, name) for name in ("image_token_id", "video_token_id",
                                                                         "audio_token_id")
                                  if getattr(hf_config, name, None) is not None)
+            # HF's processor marks these as image (1) and video (2) in `mm_token_type_ids`; audio
+            # soft tokens (3) stay causal.
+            vision = tuple(getattr(hf_config, name) for name in ("image_token_id", "video_token_id")
+                           if getattr(hf_config, name, None) is not None)
         return cls(
             vocab_size=c.vocab_size,
             hidden_size=c.hidden_size,
@@ -288,4 +298,7 @@ class Gemma4Config:
             vocab_size_per_layer_input=c.vocab_size_per_layer_input if ple else 0,
             placeholder_token_ids=placeholders,
             pad_token_id=c.pad_token_id or 0,
+            # A text-only checkpoint has no soft tokens: "vision" is then plain causal attention.
+            bidirectional_vision=c.use_bidirectional_attention == "vision" and bool(vision),
+            vision_token_ids=vision,
         )

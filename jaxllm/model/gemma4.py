@@ -20,6 +20,11 @@ comes from the config (`Gemma4Config`):
   main embedding give each layer a small input that gates a residual branch;
 - embeddings scaled by sqrt(hidden) (the scale rounded to the weights' dtype, as
   HF does), tied LM head, `final_logit_softcapping`;
+- `use_bidirectional_attention="vision"` (`bidirectional_vision`): on sliding layers each
+  run of image / video soft tokens in a step also attends to itself ahead (HF's
+  `create_masks_for_vision_model`); the runs come from the token ids, so the model needs
+  them beside a multimodal step's embeddings, and a whole image must be in one step
+  (the plugin sets `disable_chunked_mm_input`);
 - RMS norms scale in fp32 and cast back afterwards (`RMSNormScaledInFP32`).
 """
 
@@ -30,10 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
+from tpu_inference.utils import get_mesh_shape_product
 
+from jaxllm.attention.bidirectional import run_ids
 from jaxllm.attention.dispatch import attention
 from jaxllm.model.causal_lm import CausalLM, merge_heads
-from jaxllm.model.config import Gemma4Config, Gemma4LayerConfig
+from jaxllm.model.config import Gemma4Config, Gemma4LayerConfig, text_config
 from jaxllm.model.mlp import ACTIVATIONS, GatedMLP, Gemma4MoE, MoESetup, expert_rules
 from jaxllm.model.norms import RMSNormScaledInFP32, rms_normalize
 from jaxllm.model.params import ones, param
@@ -59,8 +66,9 @@ class Gemma4Attention(nnx.Module):
             self.k_norm = RMSNormScaledInFP32(h, config.rms_norm_eps, dtype)
         self.o_proj = param(rngs, (n, h, d), dtype, (Axis.ATTN_HEAD, None, None))
 
-    def __call__(self, kv_cache, x, positions, metadata, donor_kv):
-        """Returns (kv_cache, this step's (k, v), output). `donor_kv`: the donor's (k, v) on a KV-shared layer."""
+    def __call__(self, kv_cache, x, positions, metadata, donor_kv, block_ids=None):
+        """Returns (kv_cache, this step's (k, v), output). `donor_kv`: the donor's (k, v) on a KV-shared layer;
+        `block_ids`: the step's vision runs (`run_ids`), on sliding layers with bidirectional vision."""
         layer = self.layer
         q = self.q_norm(jnp.einsum("TD,DNH->TNH", x, self.q_proj[...]))
         q = apply_rope_split_half(q, positions, layer.rope_inv_freq, layer.rope_scaling)
@@ -75,7 +83,8 @@ class Gemma4Attention(nnx.Module):
             # the TPU kernel reads them from the cache when it may not write.
             k, v = donor_kv
         out, kv_cache = attention(q, k, v, kv_cache, metadata, self.mesh, sm_scale=1.0,
-                                  sliding_window=self.sliding_window, update_kv_cache=layer.kv_donor is None)
+                                  sliding_window=self.sliding_window, update_kv_cache=layer.kv_donor is None,
+                                  block_ids=block_ids)
         return kv_cache, (k, v), merge_heads(out, self.o_proj[...])
 
 
@@ -106,8 +115,9 @@ class Gemma4DecoderLayer(nnx.Module):
             self.post_per_layer_input_norm = RMSNormScaledInFP32(d, eps, dtype)
         self.layer_scalar = ones((1,), dtype)
 
-    def __call__(self, kv_cache, x, positions, metadata, donor_kv, per_layer_input):
-        kv_cache, kv, attended = self.attn(kv_cache, self.input_layernorm(x), positions, metadata, donor_kv)
+    def __call__(self, kv_cache, x, positions, metadata, donor_kv, per_layer_input, block_ids=None):
+        kv_cache, kv, attended = self.attn(kv_cache, self.input_layernorm(x), positions, metadata, donor_kv,
+                                           block_ids)
         x = x + self.post_attention_layernorm(attended)
         ffw = self.mlp(self.pre_feedforward_layernorm(x))
         if self.enable_moe_block:
@@ -154,9 +164,25 @@ class JaxGemma4ForCausalLM(CausalLM):
         placeholder = jnp.isin(input_ids, jnp.asarray(c.placeholder_token_ids, input_ids.dtype))
         return jnp.where(placeholder, c.pad_token_id, input_ids)
 
+    @classmethod
+    def attends_within_images(cls, hf_config) -> bool:
+        # As Gemma4Config.from_hf reads it, without building the config (this runs at vLLM's config check).
+        c = text_config(hf_config)
+        return c is not hf_config and getattr(c, "use_bidirectional_attention", None) == "vision"
+
     @property
     def needs_token_ids(self) -> bool:
-        return bool(self.config.hidden_size_per_layer_input)  # the per-layer inputs embed the token ids
+        # The per-layer inputs embed the token ids; bidirectional vision finds the image runs in them.
+        return bool(self.config.hidden_size_per_layer_input) or self.config.bidirectional_vision
+
+    def vision_runs(self, input_ids: jax.Array, metadata) -> jax.Array:
+        """i32[T]: each image / video soft token's run in this step (its first token's index), -1 for the rest.
+
+        As HF's `get_block_sequence_ids_for_mask`, a run is a maximal stretch of such tokens; in
+        the packed batch it also ends where its request does. A run begun in an earlier step
+        needs nothing more: those tokens are in the cache, and causally visible."""
+        vision = jnp.isin(input_ids, jnp.asarray(self.config.vision_token_ids, input_ids.dtype))
+        return run_ids(vision, metadata.query_start_loc, metadata.request_distribution)
 
     def per_layer_inputs(self, input_ids: jax.Array, embeds: jax.Array) -> jax.Array:
         """[T, layers, P]: (norm(embeds @ projection / sqrt(hidden)) + per-layer token embedding) / sqrt(2)."""
@@ -230,14 +256,26 @@ class JaxGemma4ForCausalLM(CausalLM):
             if input_ids is None:
                 raise NotImplementedError("Gemma 4 per-layer inputs need input_ids, not only inputs_embeds")
             per_layer = self.per_layer_inputs(self.text_ids(input_ids), x)
+        if c.bidirectional_vision and input_ids is None:
+            raise NotImplementedError("Gemma 4 bidirectional vision attention needs input_ids beside inputs_embeds")
+        if c.bidirectional_vision and get_mesh_shape_product(self.mesh, Axis.ATTN_DATA) > 1:
+            # The runs are found in one packed batch; attention data parallelism packs one per shard.
+            raise NotImplementedError("Gemma 4 bidirectional vision attention with attention data parallelism")
+        runs = {}  # id(metadata) -> its vision runs: every group's metadata describes the same tokens
         kv_caches = list(kv_caches)
         donor_kv = {}  # donor layer -> the (k, v) it computed this step, for the layers sharing its cache
         for i, layer in enumerate(self.layers):
             spec = c.layers[i]
             slot, metadata = self.layer_cache(i, layer_name_to_kvcache_index, attention_metadata,
                                               metadata_layer=spec.kv_donor)
+            block_ids = None
+            if c.bidirectional_vision and spec.sliding:  # full layers stay causal, as in HF
+                if id(metadata) not in runs:
+                    runs[id(metadata)] = self.vision_runs(input_ids, metadata)
+                block_ids = runs[id(metadata)]
             kv_caches[slot], kv, x = layer(kv_caches[slot], x, metadata.input_positions, metadata,
-                                           donor_kv.get(spec.kv_donor), None if per_layer is None else per_layer[:, i])
+                                           donor_kv.get(spec.kv_donor), None if per_layer is None else per_layer[:, i],
+                                           block_ids)
             if i in c.kv_donors:
                 donor_kv[i] = kv
         return kv_caches, self.norm(x), [], None

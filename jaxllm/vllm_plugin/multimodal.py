@@ -9,6 +9,10 @@
   tpu-inference's runner drops once a step is embedded for a multimodal model
   (its warm-up compiles that step without them, too): for models that say they
   need them (`needs_token_ids`), the runner passes the ids beside the embeddings.
+  Gemma 4 31B / 26B-A4B need them too, to find the images' runs of soft tokens.
+- Those two attend bidirectionally within each image (`use_bidirectional_attention=
+  "vision"`), which is exact only if an image is never split across steps: the
+  scheduler is told so (`disable_chunked_mm_input`), as vLLM does on GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ logger = init_logger("vllm.jaxllm")
 
 def install_all() -> None:
     install(Patch("tpu_inference.platforms.tpu_platform", "TpuPlatform.check_and_update_config",
-                  "limit to 0 the input modalities jaxllm's model does not serve (refused per request)",
+                  "limit to 0 the input modalities jaxllm's model does not serve (refused per request); "
+                  "keep images whole in a step where they attend to themselves bidirectionally",
                   _refusing_unserved_modalities))
     install(Patch("tpu_inference.runner.tpu_runner", "TPUModelRunner._get_input_ids_embeds",
                   "keep the token ids beside a multimodal step's embeddings where the model needs them",
@@ -53,12 +58,36 @@ def refuse_unserved_modalities(vllm_config) -> None:
                              f"input, not {modality}; set it to 0 (or leave it out)")
         mm.limit_per_prompt[modality] = options.get(modality, BaseDummyOptions)(count=0)
     if cls.unserved_modalities and "image" not in mm.limit_per_prompt:
-        # Spelled out: tpu-inference's runner turns multimodality off when every limit *given* is 0,
-        # and an image limit left out means vLLM's default (999), not 0.
+        # tpu-inference's runner turns multimodal input off when every *listed* limit is 0
+        # (tpu_runner.py, `disable_mm_from_limits`), though an unlisted one is 999: list the
+        # image limit, or the images would never reach the model.
         mm.limit_per_prompt["image"] = ImageDummyOptions(count=mm.get_limit_per_prompt("image"))
     if cls.unserved_modalities:
         logger.info("jaxllm: %s refuses %s input (limit 0 per prompt)", cls.__name__,
                     " and ".join(cls.unserved_modalities))
+
+
+def keep_images_whole(vllm_config) -> None:
+    """Never split an image across steps for a model whose image tokens attend to each other ahead.
+
+    Gemma 4 with `use_bidirectional_attention="vision"` lets every soft token of an image see
+    the whole image (transformers' mask on sliding layers). A step attends to the cache and to
+    its own tokens only: if an image were split, its first part would be computed without the
+    rest (and cached so), and its logits and those of every token after it would differ from
+    transformers'. vLLM does the same for such models on GPU (platforms/cuda.py); with it, vLLM
+    refuses at start-up a `--max-num-batched-tokens` smaller than one image.
+    """
+    from jaxllm.model.causal_lm import takes_images
+    from jaxllm.vllm_plugin.models import our_class
+
+    model_config = vllm_config.model_config
+    cls = None if model_config is None else our_class(model_config.hf_config)
+    if cls is None or not takes_images(model_config) or not cls.attends_within_images(model_config.hf_config):
+        return
+    if not vllm_config.scheduler_config.disable_chunked_mm_input:
+        logger.info("jaxllm: %s attends bidirectionally within each image: an image is never split across "
+                    "steps (disable_chunked_mm_input)", cls.__name__)
+    vllm_config.scheduler_config.disable_chunked_mm_input = True
 
 
 def _refusing_unserved_modalities(check_and_update_config):
@@ -66,6 +95,7 @@ def _refusing_unserved_modalities(check_and_update_config):
     @functools.wraps(check_and_update_config)
     def wrapper(cls, vllm_config):
         refuse_unserved_modalities(vllm_config)
+        keep_images_whole(vllm_config)
         return check_and_update_config(vllm_config)
     return wrapper
 

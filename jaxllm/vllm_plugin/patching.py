@@ -6,7 +6,7 @@ turns the original into its replacement, and why. `install(patch)`:
 - waits until the module is imported (an import hook), so installing imports
   nothing, and a module that binds the name at import time already sees ours;
 - replaces the name in the module, and in every module that copied it with
-  `from module import name` before the patch ran;
+  `from module import name` before the patch ran (not where it is defined);
 - remembers the original and its replacement in one registry per process:
   installing the same patch again is a no-op.
 `explain()` lists every patch of this process and whether it is in place.
@@ -106,9 +106,10 @@ def _apply(patch: Patch, module) -> None:
     replacement = patch.replace(before)
     setattr(owner, attr, replacement)
     _originals[patch.target], _replacements[patch.target] = before, replacement
-    if owner is module:  # rebind earlier `from module import name` copies
+    if owner is module:  # rebind earlier `from module import name` copies, not the definition itself
+        home = getattr(before, "__module__", None)
         for other in list(sys.modules.values()):
-            if other is not module and getattr(other, attr, None) is before:
+            if other is not module and getattr(other, "__name__", None) != home and getattr(other, attr, None) is before:
                 setattr(other, attr, replacement)
     logger.debug("jaxllm: patched %s: %s", patch.target, patch.why)
 
