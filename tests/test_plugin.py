@@ -59,6 +59,29 @@ def test_runner_modules_imported_after_register_see_the_adaptations():
     assert decode_loop.get_step_fn_compiler_options() == {}
 
 
+def test_sampler_imported_before_register_runs_on_this_host():
+    """tpu-inference's sampler bakes TPU compile options into its jit when imported: a process that
+    imported the runner before the plugin registered (pytest collecting a module that does) must
+    still sample here. In a fresh interpreter, so that the import really comes first."""
+    import subprocess
+    import sys
+
+    script = """
+import jax, jax.numpy as jnp
+from tpu_inference.runner import tpu_runner  # imports the sampler, options baked in
+from tpu_inference.layers.jax.sample.sampling_metadata import TPUSupportedSamplingMetadata
+from jaxllm import vllm_plugin
+vllm_plugin.register()
+mesh = jax.make_mesh((1, 1), ("data", "model"))
+logits = jnp.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+tokens, _ = tpu_runner.sample(jax.random.key(0), mesh, logits, TPUSupportedSamplingMetadata())
+print(tokens.tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[1, 0]"
+
+
 def test_explain_lists_every_patch_applied():
     """What `python -m jaxllm.vllm_plugin --explain` prints: every replaced name, applied, with why."""
     import importlib

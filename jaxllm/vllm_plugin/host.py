@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 
 import numpy as np
 from vllm.logger import init_logger
@@ -42,6 +41,8 @@ def patches() -> list[Patch]:
     return [
         Patch(compiler_options, "get_step_fn_compiler_options", no_options, lambda _: _no_compiler_options),
         Patch(compiler_options, "get_sampling_compiler_options", no_options, lambda _: _no_compiler_options),
+        Patch(_SAMPLER, "sample", "the sampler jitted without the xla_tpu_* options it took when imported "
+              "(whenever that was: before the plugin registered too)", _sample_without_compiler_options),
         Patch("tpu_inference.utils", "hbm_usage_bytes",
               "device memory is the host's RAM (TPU memory_stats() is missing)", lambda _: host_memory_usage),
         Patch("tpu_inference.utils", "make_optimized_mesh",
@@ -58,10 +59,7 @@ def patches() -> list[Patch]:
 
 
 def install_all() -> None:
-    """Install every host adaptation; before tpu-inference's sampler is imported, or its jit keeps TPU options."""
-    if _SAMPLER in sys.modules:
-        logger.warning("jaxllm: tpu-inference's sampler was imported before the plugin registered; "
-                       "its jit keeps TPU compile options and will fail on this host")
+    """Install every host adaptation, whichever tpu-inference modules are imported already."""
     _quiet_known_noise()
     for patch in patches():
         install(patch)
@@ -69,6 +67,19 @@ def install_all() -> None:
 
 def _no_compiler_options():
     return {}  # not None: decode_loop unpacks it with **
+
+
+def _sample_without_compiler_options(sample):
+    """tpu-inference's `sample`, jitted again from its Python function without compiler options.
+
+    Its module jits it at import time with `get_sampling_compiler_options()`, so a process
+    that imported the sampler before the plugin registered (a test collecting tpu-inference's
+    runner, a script importing it first) keeps the TPU options, and the first step fails with
+    "No such compile option". Same static arguments as tpu-inference's decorator.
+    """
+    import jax
+
+    return jax.jit(sample.__wrapped__, static_argnames=["mesh", "allow_distributed_sampling"])
 
 
 def host_memory_usage(devices) -> list[tuple[int, int]]:
