@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from jaxllm.model.checkpoint_quantization import Fp8Experts, ModuleNames, checkpoint_quantization
-from jaxllm.model.errors import UnsupportedConfigError
+from jaxllm.model.errors import UnsupportedConfigError, require
 
 
 def text_config(hf_config):
@@ -28,11 +28,6 @@ class KVLayer:
     sliding_window: int | None = None  # attends to the last `sliding_window` tokens only
     chunk_size: int | None = None      # attends only inside its `chunk_size`-token chunk
     kv_donor: int | None = None        # reads this earlier layer's cache and keeps none of its own
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UnsupportedConfigError(message)
 
 
 
@@ -97,10 +92,10 @@ class Llama4Config:
     @classmethod
     def from_hf(cls, hf_config) -> "Llama4Config":
         c = text_config(hf_config)
-        _require(c.hidden_act == "silu", f"Llama 4 hidden_act={c.hidden_act!r}: only 'silu' is supported")
-        _require(not c.attention_bias, "Llama 4 attention_bias=True is not supported")
+        require(c.hidden_act == "silu", f"Llama 4 hidden_act={c.hidden_act!r}: only 'silu' is supported")
+        require(not c.attention_bias, "Llama 4 attention_bias=True is not supported")
         rope_layers = tuple(bool(flag) for flag in c.no_rope_layers)
-        _require(len(rope_layers) == c.num_hidden_layers,
+        require(len(rope_layers) == c.num_hidden_layers,
                  f"no_rope_layers has {len(rope_layers)} entries for {c.num_hidden_layers} layers")
         inv_freq, scaling = rope_frequencies(c)
         return cls(
@@ -203,38 +198,38 @@ class Gemma4Config:
 
         checkpoint_quantization(hf_config, "Gemma 4")  # no quantized Gemma 4 format is accepted: refused by name
         c = text_config(hf_config)
-        _require(not c.attention_bias, "Gemma 4 attention_bias=True is not supported")
-        _require(c.use_bidirectional_attention in (None, "vision"),
+        require(not c.attention_bias, "Gemma 4 attention_bias=True is not supported")
+        require(c.use_bidirectional_attention in (None, "vision"),
                  f"Gemma 4 use_bidirectional_attention={c.use_bidirectional_attention!r}: only causal text "
                  "attention is supported (None, or 'vision': image soft tokens attend to each other)")
-        _require(c.hidden_activation in ACTIVATIONS,
+        require(c.hidden_activation in ACTIVATIONS,
                  f"Gemma 4 hidden_activation={c.hidden_activation!r}: supported are {sorted(ACTIVATIONS)}")
         per_layer = set(c.per_layer_attributes or ()) - _GEMMA4_PER_LAYER_FIELDS
-        _require(not per_layer, f"Gemma 4 per_layer_config overrides {sorted(per_layer)}: only "
+        require(not per_layer, f"Gemma 4 per_layer_config overrides {sorted(per_layer)}: only "
                                 f"{sorted(_GEMMA4_PER_LAYER_FIELDS)} may vary per layer")
         num_layers = c.num_hidden_layers
         layer_types = tuple(c.layer_types)
-        _require(len(layer_types) == num_layers,
+        require(len(layer_types) == num_layers,
                  f"layer_types has {len(layer_types)} entries for {num_layers} layers")
         unknown = sorted(set(layer_types) - set(_GEMMA4_LAYER_TYPES))
-        _require(not unknown, f"Gemma 4 layer_types {unknown}: supported are {list(_GEMMA4_LAYER_TYPES)}")
+        require(not unknown, f"Gemma 4 layer_types {unknown}: supported are {list(_GEMMA4_LAYER_TYPES)}")
         for layer_type in set(layer_types):
-            _require(bool((c.rope_parameters or {}).get(layer_type)),
+            require(bool((c.rope_parameters or {}).get(layer_type)),
                      f"Gemma 4 rope_parameters has no entry for {layer_type!r} (NoPE layers are not supported)")
         if "sliding_attention" in layer_types:
-            _require(bool(c.sliding_window), f"Gemma 4 sliding_window={c.sliding_window!r} with sliding layers")
+            require(bool(c.sliding_window), f"Gemma 4 sliding_window={c.sliding_window!r} with sliding layers")
 
         # KV sharing: the last num_kv_shared_layers layers read the K/V of the last earlier
         # layer of their type (transformers' `store_full_length_kv` / tpu-inference's kv_share map).
         num_shared = c.num_kv_shared_layers or 0
         first_shared = num_layers - num_shared
-        _require(0 <= num_shared < num_layers, f"Gemma 4 num_kv_shared_layers={num_shared} of {num_layers} layers")
+        require(0 <= num_shared < num_layers, f"Gemma 4 num_kv_shared_layers={num_shared} of {num_layers} layers")
         earlier = layer_types[:first_shared]
 
         def donor(i: int) -> int | None:
             if i < first_shared:
                 return None
-            _require(layer_types[i] in earlier, f"Gemma 4 num_kv_shared_layers={num_shared}: shared layer {i} "
+            require(layer_types[i] in earlier, f"Gemma 4 num_kv_shared_layers={num_shared}: shared layer {i} "
                                                 f"({layer_types[i]}) has no earlier {layer_types[i]} layer to read")
             return len(earlier) - 1 - earlier[::-1].index(layer_types[i])
 
@@ -260,7 +255,7 @@ class Gemma4Config:
         for i, layer in enumerate(layers):
             if layer.kv_donor is not None:
                 d = layers[layer.kv_donor]
-                _require((d.head_dim, d.num_kv_heads) == (layer.head_dim, layer.num_kv_heads),
+                require((d.head_dim, d.num_kv_heads) == (layer.head_dim, layer.num_kv_heads),
                          f"Gemma 4 KV-shared layer {i} has head_dim/num_key_value_heads "
                          f"{layer.head_dim}/{layer.num_kv_heads}, its donor {layer.kv_donor} "
                          f"{d.head_dim}/{d.num_kv_heads}")
@@ -268,7 +263,7 @@ class Gemma4Config:
         moe = bool(c.enable_moe_block)
         if moe:
             for field in ("num_experts", "top_k_experts", "moe_intermediate_size"):
-                _require(getattr(c, field) is not None, f"Gemma 4 enable_moe_block=True needs {field}")
+                require(getattr(c, field) is not None, f"Gemma 4 enable_moe_block=True needs {field}")
         ple = c.hidden_size_per_layer_input or 0
         placeholders, vision = (), ()
         if c is not hf_config:  # a multimodal checkpoint

@@ -30,17 +30,13 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 
 from jaxllm.model.causal_lm import CausalLM
-from jaxllm.model.config import UnsupportedConfigError, text_config
+from jaxllm.model.config import text_config
+from jaxllm.model.errors import require
 from jaxllm.model.mlp import ACTIVATIONS
 from jaxllm.model.norms import RMSNormScaledInFP32, rms_normalize
 from jaxllm.model.params import param
 from jaxllm.model.vision.common import host_array
 from jaxllm.model.weights import Rule, heads_in, heads_out, transpose
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UnsupportedConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +61,19 @@ class Gemma4VisionConfig:
     @classmethod
     def from_hf(cls, hf_config) -> "Gemma4VisionConfig":
         v = getattr(hf_config, "vision_config", None)
-        _require(v is not None, "Gemma 4 config has no vision_config: the checkpoint has no vision tower")
-        _require(not v.attention_bias, "Gemma 4 vision attention_bias=True is not supported")
+        require(v is not None, "Gemma 4 config has no vision_config: the checkpoint has no vision tower")
+        require(not v.attention_bias, "Gemma 4 vision attention_bias=True is not supported")
         rope = v.rope_parameters or {}
-        _require(rope.get("rope_type", "axial") == "axial",
+        require(rope.get("rope_type", "axial") == "axial",
                  f"Gemma 4 vision rope_parameters rope_type={rope.get('rope_type')!r}: only 'axial' is supported")
-        _require(v.hidden_activation in ACTIVATIONS,
+        require(v.hidden_activation in ACTIVATIONS,
                  f"Gemma 4 vision hidden_activation={v.hidden_activation!r}: supported are {sorted(ACTIVATIONS)}")
         # Two axes, each rotating split-half pairs: a quarter of the head per (axis, half).
-        _require(v.head_dim % 4 == 0, f"Gemma 4 vision head_dim={v.head_dim}: must be a multiple of 4 for 2-D RoPE")
+        require(v.head_dim % 4 == 0, f"Gemma 4 vision head_dim={v.head_dim}: must be a multiple of 4 for 2-D RoPE")
         # With no pooling transformers returns its padding mask inverted (it keeps the padding).
-        _require(v.pooling_kernel_size > 1,
+        require(v.pooling_kernel_size > 1,
                  f"Gemma 4 vision pooling_kernel_size={v.pooling_kernel_size}: only pooling (> 1) is supported")
-        _require(v.num_attention_heads % v.num_key_value_heads == 0,
+        require(v.num_attention_heads % v.num_key_value_heads == 0,
                  f"Gemma 4 vision num_attention_heads={v.num_attention_heads} is not a multiple of "
                  f"num_key_value_heads={v.num_key_value_heads}")
         return cls(

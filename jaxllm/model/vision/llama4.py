@@ -31,18 +31,14 @@ from jax.sharding import Mesh
 from tpu_inference.layers.common.sharding import ShardingAxisName as Axis
 
 from jaxllm.model.causal_lm import CausalLM
-from jaxllm.model.config import UnsupportedConfigError, text_config
+from jaxllm.model.config import text_config
+from jaxllm.model.errors import require
 from jaxllm.model.params import param
 from jaxllm.model.vision.common import host_array
 from jaxllm.model.weights import Rule, heads_in, heads_out, transpose
 
 # torch's nn.LayerNorm default, which transformers' Llama 4 vision model uses whatever `norm_eps` says.
 LAYER_NORM_EPS = 1e-5
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UnsupportedConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,29 +60,29 @@ class Llama4VisionConfig:
     @classmethod
     def from_hf(cls, hf_config) -> "Llama4VisionConfig":
         v = getattr(hf_config, "vision_config", None)
-        _require(v is not None, "Llama 4 config has no vision_config: the checkpoint has no vision model")
+        require(v is not None, "Llama 4 config has no vision_config: the checkpoint has no vision model")
         for field in ("image_size", "patch_size"):
-            _require(isinstance(getattr(v, field), int),
+            require(isinstance(getattr(v, field), int),
                      f"Llama 4 vision {field}={getattr(v, field)!r}: only square sizes (an int) are supported")
         rope = v.rope_parameters or {}
-        _require(rope.get("rope_type", "default") == "default",
+        require(rope.get("rope_type", "default") == "default",
                  f"Llama 4 vision rope_parameters rope_type={rope.get('rope_type')!r}: only 'default' is supported")
         side = v.image_size // v.patch_size
         ratio = v.pixel_shuffle_ratio
-        _require(v.image_size % v.patch_size == 0,
+        require(v.image_size % v.patch_size == 0,
                  f"Llama 4 vision image_size={v.image_size} is not a multiple of patch_size={v.patch_size}")
-        _require(v.hidden_size % v.num_attention_heads == 0 and (v.hidden_size // v.num_attention_heads) % 4 == 0,
+        require(v.hidden_size % v.num_attention_heads == 0 and (v.hidden_size // v.num_attention_heads) % 4 == 0,
                  f"Llama 4 vision head dim {v.hidden_size}/{v.num_attention_heads}: must be a multiple of 4 "
                  "for 2-D RoPE")
-        _require(float(side * ratio).is_integer() and float(v.hidden_size / ratio ** 2).is_integer(),
+        require(float(side * ratio).is_integer() and float(v.hidden_size / ratio ** 2).is_integer(),
                  f"Llama 4 vision pixel_shuffle_ratio={ratio} does not divide {side}x{side} patches of "
                  f"{v.hidden_size} channels")
         # The adapter's shapes, as transformers builds them: fc1 reads the shuffled patches, fc2 is
         # square, and the projector reads the adapter's output.
-        _require(v.intermediate_size == round(v.hidden_size / ratio ** 2),
+        require(v.intermediate_size == round(v.hidden_size / ratio ** 2),
                  f"Llama 4 vision intermediate_size={v.intermediate_size}: the adapter reads pixel-shuffled "
                  f"patches of hidden_size / pixel_shuffle_ratio**2 = {round(v.hidden_size / ratio ** 2)}")
-        _require(v.projector_input_dim == v.projector_output_dim == v.vision_output_dim,
+        require(v.projector_input_dim == v.projector_output_dim == v.vision_output_dim,
                  f"Llama 4 vision projector_input_dim={v.projector_input_dim}, projector_output_dim="
                  f"{v.projector_output_dim} and vision_output_dim={v.vision_output_dim} must be equal")
         return cls(
