@@ -15,7 +15,7 @@ def register() -> None:
     from jaxllm.vllm_plugin import host, kv_cache, models, multimodal, quantization, runner_fixes
 
     if not platform.on_tpu():
-        host.install_all()  # before tpu-inference's sampler is imported (its jit reads compile options)
+        host.install_all()
     runner_fixes.install_all()
     models.install_all()
     kv_cache.install_all()
