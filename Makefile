@@ -9,7 +9,7 @@ PORT ?= 8000
 # Extra flags for the examples, e.g. make demo ARGS="--size small --num-prompts 64"
 ARGS ?=
 
-.PHONY: venv demo serve client test smoke bench clean-venv-link
+.PHONY: venv demo serve client test test-all smoke bench clean-venv-link
 
 venv:
 	@bash tools/venv.sh
@@ -24,7 +24,11 @@ serve: venv
 client: venv
 	$(PY) examples/client.py --base-url http://$(HOST):$(PORT)/v1 $(ARGS)
 
+# About 15 minutes on an idle 2-core machine; test-all adds the cases marked slow (pytest -m slow).
 test: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: venv
 	$(PY) -m pytest -q tests
 
 # The published Llama 4 / Gemma 4 shapes (layers cut) through vllm.LLM at TP 8 and 4: about 30 minutes.

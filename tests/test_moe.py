@@ -37,6 +37,13 @@ def layout_id(layout):
     return f"{devices}dev-{'ep' if ep else 'tp'}"
 
 
+def arch_layouts(layouts, fast):
+    """(name, layout) for each model and layout, as pytest params; those not in `fast` only in `make test-all`."""
+    return [pytest.param(name, layout, id=f"{name}-{layout_id(layout)}",
+                         marks=() if (name, layout) in fast else pytest.mark.slow)
+            for name in ARCHS for layout in layouts]
+
+
 def routing(kind: str, tokens: int, top_k: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """[T, k] expert indices and positive weights."""
     if kind == "all-on-one":  # every token on the same experts (the last and the first: two devices under EP)
@@ -133,8 +140,8 @@ def prefill_logits(model, path, mesh, ids) -> np.ndarray:
     return logits
 
 
-@pytest.mark.parametrize("layout", [(1, False), (2, True), (4, False)], ids=layout_id)
-@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("name, layout", arch_layouts([(1, False), (2, True), (4, False)],
+                                                      fast={("llama4", (4, False)), ("gemma4", (2, True))}))
 def test_model_with_skewed_routing_matches_dense_experts(name, layout):
     devices, expert_parallel = layout
     arch = ARCHS[name]
@@ -199,8 +206,9 @@ def stand_in_kernels(monkeypatch):
     monkeypatch.setattr(fused_moe_gmm, "ragged_gather", lambda x, indices, start, end, **_: x[indices])
 
 
-@pytest.mark.parametrize("layout", [(2, False), (4, False), (4, True)], ids=layout_id)
-@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("name, layout", arch_layouts([(2, False), (4, False), (4, True)],
+                                                      fast={("llama4", (2, False)), ("llama4", (4, False)),
+                                                            ("llama4", (4, True)), ("gemma4", (4, True))}))
 def test_tpu_kernel_path_with_stand_in_kernels_matches_hf(name, layout, stand_in_kernels):
     from harness import hf_logits
     from jaxllm.model.mlp import GmmExperts

@@ -101,8 +101,8 @@ def features_embed(model, flat, mask):
     return embed
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("num_images", [1, 2])
+@pytest.mark.parametrize("tp, num_images", [(1, 1), (2, 2), pytest.param(1, 2, marks=pytest.mark.slow),
+                                            pytest.param(2, 1, marks=pytest.mark.slow)])
 def test_image_prompt_logits_match_hf(family, tp, num_images):
     arch, path, hf, hf_processor, processor = family
     model, mesh = model_at(arch, path, tp)

@@ -82,7 +82,13 @@ def generate(path, **engine_args):
         gc.collect()
 
 
-@pytest.mark.parametrize("case", CASES)
+# In `make test-all` only: each varies one setting that a fast case already runs elsewhere
+# (TP 4: tests/test_real_shapes.py; expert parallelism: llama4-tp2-ep).
+SLOW_CASES = {"llama4-dense", "llama4-moe", "llama4-tp2", "llama4-tp4", "llama4-tp4-ep",
+              "gemma4-tp2", "gemma4-moe-tp2-ep", "gemma4-tp4", "gemma4-tp4-ep"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
 def test_greedy_tokens_and_logprobs_match_hf(case):
     arch, overrides, engine_args = CASES[case]
     path = cached_checkpoint(arch, "tiny", **overrides)
