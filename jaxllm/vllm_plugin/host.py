@@ -35,6 +35,9 @@ def patches() -> list[Patch]:
     from jaxllm.attention.portable import ragged_paged_attention
 
     compiler_options = "tpu_inference.models.common.compiler_options"
+    runner = "tpu_inference.runner.tpu_runner"
+    few_requests = ("pad a step's requests (logits, sampling) to a power of two from 1, not from 8: "
+                    "on a CPU, 8 rows of LM head and sampler cost more than 1")
     attention = "tpu_inference.layers.common.attention_interface"
     no_options = "the step and sampler are jitted with xla_tpu_* options, which other backends reject"
     # sharded_ragged_paged_attention looks the kernels up at call time, inside its shard_map.
@@ -52,6 +55,11 @@ def patches() -> list[Patch]:
               _copy_numpy_inputs),
         Patch(attention, "ragged_paged_attention",
               "jaxllm's portable attention in place of the Pallas TPU kernel", lambda _: ragged_paged_attention),
+        Patch(runner, "TPUModelRunner._init_inputs",
+              "token buckets from 1, not 16 (unless MIN_TOKEN_BUCKET is set): on a CPU a batch-1 decode "
+              "padded to 16 tokens runs 16 tokens of matmuls", _token_buckets_from_one),
+        Patch("tpu_inference.runner.utils", "MIN_NUM_SEQS", few_requests, lambda _: 1),
+        Patch(runner, "MIN_NUM_SEQS", few_requests, lambda _: 1),
         Patch(attention, "ragged_paged_attention_hd64",
               "jaxllm's portable attention in place of the Pallas TPU kernel (head size 64)",
               lambda _: ragged_paged_attention),
@@ -118,6 +126,28 @@ def plain_mesh(axis_shapes, axis_names, *, devices=None):
     devices = list(devices) if devices is not None else jax.devices()
     count = int(np.prod(axis_shapes))
     return jax.sharding.Mesh(np.array(devices[:count]).reshape(axis_shapes), tuple(axis_names))
+
+
+def _token_buckets_from_one(init_inputs):
+    """`_init_inputs` with tpu-inference's `MIN_TOKEN_BUCKET` knob at 1 unless the user set it.
+
+    The runner pads each step's tokens to its smallest bucket at least as large, and its
+    buckets start at MIN_TOKEN_BUCKET (16), which suits a TPU's tiles. Elsewhere a decode
+    of one request would run 16 tokens through every matmul, 15 of them padding. The
+    runner itself still raises the floor to what data parallelism and KV packing need
+    (`next_power_of_2(dp_size * kv_packing)`).
+    """
+    @functools.wraps(init_inputs)
+    def with_small_buckets(runner):
+        if "MIN_TOKEN_BUCKET" in os.environ:
+            return init_inputs(runner)
+        os.environ["MIN_TOKEN_BUCKET"] = "1"  # read once, by this method (tpu_inference.envs reads lazily)
+        try:
+            return init_inputs(runner)
+        finally:
+            del os.environ["MIN_TOKEN_BUCKET"]
+
+    return with_small_buckets
 
 
 def _copy_numpy_inputs(device_array):
