@@ -8,7 +8,7 @@ tpu-inference's runner shapes them: tokens padded to its token bucket, logits ro
 request bucket. Three ways: as before issue #16 (the runner's stock buckets, tokens from 16 and
 requests from 8, and every padding token run through the routed experts); stock buckets with
 the padding tokens masked out of the routed experts (`CausalLM.live_tokens`); and with the
-buckets jaxllm gives the runner off TPU too (both from 1, `jaxllm/vllm_plugin/host.py`).
+buckets jaxllm gives the runner off TPU too (tokens from 1 for an fp32 model, requests from 2).
 
 - "XLA": the compiled step's `cost_analysis()["flops"]`. XLA counts each `while` body once
   whatever its trip count, zero included, and a `cond` as its dearest branch; our step's
@@ -47,9 +47,9 @@ CONTEXT = 144
 MAX_REQS, MAX_MODEL_LEN = 16, 512
 # name: (first token bucket, first request bucket of tpu-inference's runner, padding masked out of the
 # routed experts). The runner's defaults are 16 and 8; off TPU jaxllm's patches make them 1
-# (MIN_TOKEN_BUCKET and MIN_NUM_SEQS).
+# for an fp32 model and 2 (MIN_TOKEN_BUCKET and MIN_NUM_SEQS, `jaxllm/vllm_plugin/host.py`).
 VARIANTS = {"before: stock buckets, no mask": (16, 8, False), "stock buckets, mask": (16, 8, True),
-            "jaxllm buckets, mask": (1, 1, True)}
+            "jaxllm buckets, mask": (1, 2, True)}
 
 
 def bucket(n: int, first: int) -> int:
@@ -87,6 +87,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["llama4", "gemma4"], choices=["llama4", "gemma4"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args()
     from jaxllm.checkpoints import cached_checkpoint
 
@@ -98,7 +99,8 @@ def main() -> None:
         cost = DecodeCost(checkpoint)
         for batch in args.batches:
             ideal = 2 * cost.active_params() * batch + cost.attention_flops(batch, CONTEXT)
-            for name, (first_token, first_request, mask) in VARIANTS.items():
+            for name in args.variants:
+                first_token, first_request, mask = VARIANTS[name]
                 tokens, logits_rows = bucket(batch, first_token), bucket(batch, first_request)
                 f = step_flops(stepper, batch, tokens, logits_rows, mask)
                 rows.append([arch, batch, name, f"{tokens} / {logits_rows}", fmt(f["xla"] / 1e9),
