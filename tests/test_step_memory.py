@@ -7,10 +7,11 @@ abstract, and the step is only compiled; XLA's `memory_analysis()` says how much
 it would hold besides its arguments (`temp_size_in_bytes`).
 
 The steps are the shapes tpu-inference's runner sends: at least 16 tokens (its
-smallest bucket) and at least 8 logits rows. (A step of a single token or a single
-logits row, which the runner never sends, makes XLA's CPU backend convert every
-weight to fp32, since it has no bf16 matrix-vector kernel: 9.0 GiB for 4.6 GiB of
-weights.) Before the fixes, each o_proj was transposed at every step (0.25 GiB) and
+smallest bucket on TPU) and at least 8 logits rows. (A step of a single token or a
+single logits row makes XLA's CPU backend convert every weight to fp32, since it has
+no bf16 matrix-vector kernel: 9.0 GiB for 4.6 GiB of weights. Off TPU, jaxllm's bucket
+patches let the runner go down to 2 rows, and to 1 token only for fp32 models:
+`jaxllm.vllm_plugin.host.MIN_ROWS`.) Before the fixes, each o_proj was transposed at every step (0.25 GiB) and
 the jitted dummy-weight init held 27.6 GiB.
 """
 
