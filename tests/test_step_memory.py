@@ -98,11 +98,12 @@ def working_set_bound(config, num_tokens: int) -> int:
     return tokens + attention
 
 
-@pytest.mark.parametrize("num_tokens", [16, 64])
-def test_decode_step_temporaries_follow_tokens(gemma4_31b_widths, num_tokens):
+@pytest.mark.parametrize("num_tokens, logits_rows", [(2, 2), (16, 8), (64, 8)])
+def test_decode_step_temporaries_follow_tokens(gemma4_31b_widths, num_tokens, logits_rows):
+    """(2, 2): the smallest bf16 step the runner sends off TPU (jaxllm.vllm_plugin.host.MIN_ROWS)."""
     model, mesh, _ = gemma4_31b_widths
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
-    temporaries = step_temporaries(model, mesh, num_tokens)
+    temporaries = step_temporaries(model, mesh, num_tokens, logits_rows)
     bound = working_set_bound(model.config, num_tokens)
     assert bound < weights / 16  # the bound is far below anything weight-sized
     assert temporaries <= bound, (f"{temporaries / 2**20:.0f} MiB of temporaries for {num_tokens} token(s), "
