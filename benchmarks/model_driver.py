@@ -61,16 +61,24 @@ class Stepper:
         self.state = nnx.state(model)
         self.step = jitted_step(model, self.layer_slots, donate_caches=True)
 
-    def inputs(self, q_lens: list[int], context: int):
-        """Ids, metadata and last-token rows for requests of `q_lens` new tokens ending at `context` tokens."""
-        total = sum(q_lens)
-        metadata = attention_metadata(q_lens, [context] * len(q_lens), self.page_tables[:len(q_lens)],
-                                      max_reqs=self.max_reqs, num_tokens=total)
-        ids = jnp.asarray(np.random.default_rng(0).integers(10, 1000, total).astype(np.int32))
-        return ids, metadata, jnp.asarray(np.cumsum(q_lens) - 1)
+    def inputs(self, q_lens: list[int], context: int, num_tokens: int | None = None, num_rows: int | None = None):
+        """Ids, metadata and last-token rows for requests of `q_lens` new tokens ending at `context` tokens.
 
-    def compiled(self, all_logits: bool, q_lens: list[int], context: int):
-        ids, metadata, rows = self.inputs(q_lens, context)
+        `num_tokens` / `num_rows`: pad the tokens / logits rows to that many, as the runner pads
+        them to its buckets (padding tokens are id 0 after the last request; padding rows repeat row 0).
+        """
+        total = sum(q_lens)
+        num_tokens = num_tokens or total
+        metadata = attention_metadata(q_lens, [context] * len(q_lens), self.page_tables[:len(q_lens)],
+                                      max_reqs=self.max_reqs, num_tokens=num_tokens)
+        ids = np.zeros(num_tokens, np.int32)
+        ids[:total] = np.random.default_rng(0).integers(10, 1000, total)
+        rows = np.zeros(num_rows or len(q_lens), np.int32)
+        rows[:len(q_lens)] = np.cumsum(q_lens) - 1
+        return jnp.asarray(ids), metadata, jnp.asarray(rows)
+
+    def compiled(self, all_logits: bool, q_lens: list[int], context: int, **padding):
+        ids, metadata, rows = self.inputs(q_lens, context, **padding)
         with jax.set_mesh(self.mesh):
             return self.step.lower(self.state, self.caches, ids, metadata, None if all_logits else rows).compile()
 

@@ -136,6 +136,24 @@ class DecodeCost:
             total += 2 * heads * head_dim * limit
         return batch * total * self.bytes_per_param
 
+    def attention_flops(self, batch: int, context: int) -> float:
+        """QK and PV FLOPs of `batch` decode tokens at `context` tokens (the new one included): 4 x heads x
+        head_dim x keys attended, per layer; keys stop at the sliding window / the start of the attention chunk."""
+        c = self.config
+        position = context - 1
+        total = 0
+        for i in range(c["num_hidden_layers"]):
+            head_dim, keys = c.get("head_dim"), context
+            if "layer_types" in c and "sliding_window" in c:  # Gemma 4
+                if c["layer_types"][i] == "sliding_attention":
+                    keys = min(context, c["sliding_window"])
+                else:
+                    head_dim = c.get("global_head_dim") or head_dim
+            elif c.get("no_rope_layers") and c["no_rope_layers"][i] and c.get("attention_chunk_size"):
+                keys = position % c["attention_chunk_size"] + 1  # Llama 4 chunked layer
+            total += 4 * c["num_attention_heads"] * head_dim * keys
+        return batch * total
+
     def step_seconds(self, limits: dict, batch: int, context: int) -> float:
         memory = (self.weight_bytes(batch) + self.kv_bytes(batch, context)) / limits["bandwidth"]
         compute = 2 * self.active_params() * batch / limits["peak"]

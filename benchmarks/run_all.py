@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one after another, each printing its own markdown tables.
 
-About 12 minutes on an idle 2-core machine. Every table compares variants measured
+About 16 minutes on an idle 2-core machine (flops.py: about 4 of them). Every table compares variants measured
 side by side in the same run (taking turns, medians), so its ratios hold under load;
 absolute times do not.
 """
@@ -15,6 +15,7 @@ BENCHMARKS = [
     ["serving.py", "--reps", "2"],                # 1, 2, 3, 6: vLLM ours / built-in / HF, roofline, compiles
     ["in_place_and_logits.py", "--reps", "2"],    # 5: KV copies, deferred logits at a 200k vocabulary
     ["moe.py", "--reps", "3"],                    # routed vs dense MoE dispatch
+    ["flops.py"],                                 # model step FLOPs vs ideal, stock vs jaxllm buckets (~4 min)
     ["decode_rows.py", "--reps", "3"],            # decode rows one at a time vs tiles of 8
     ["attention.py", "--plot", str(HERE / "attention.png")],  # 4: portable RPA vs context and capacity
     ["kv_capacity.py"],                           # window-aware KV cache vs full length, vLLM's planner

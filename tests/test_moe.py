@@ -81,6 +81,83 @@ def test_routed_matches_dense(layout, tokens, kind, top_k, weight_inputs):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
 
 
+@pytest.mark.parametrize("layout", [(1, False), (4, False), (4, True)], ids=layout_id)
+@pytest.mark.parametrize("top_k, weight_inputs", [(1, True), (2, False)], ids=["llama4-like", "gemma4-like"])
+def test_padding_tokens_run_no_expert(layout, top_k, weight_inputs):
+    """The runner pads a step's tokens to its bucket; with `live` False for the padding, the
+    experts run the live tokens' chunks only, and the live tokens' outputs are the dense experts'.
+
+    Chunks are counted where they run: the activation reports each call (one per chunk of
+    an expert's rows, on each device). The padding tokens pick experts no live token
+    picks, so without the mask those experts would run too.
+    """
+    devices, expert_parallel = layout
+    mesh = auto_mesh(devices)
+    tokens, live_tokens = 16, 5
+    rng = np.random.default_rng(top_k)
+    x = rng.standard_normal((tokens, HIDDEN)).astype(np.float32)
+    index = np.concatenate([np.stack([rng.choice([0, 1, 4], top_k, replace=False) for _ in range(live_tokens)]),
+                            np.stack([rng.choice([2, 3, 6, 7], top_k, replace=False)
+                                      for _ in range(tokens - live_tokens)])]).astype(np.int32)
+    weight = rng.uniform(0.1, 1.0, (tokens, top_k)).astype(np.float32)
+    live = np.arange(tokens) < live_tokens
+    gate, up = (rng.standard_normal((EXPERTS, HIDDEN, WIDTH)).astype(np.float32) * HIDDEN ** -0.5 for _ in "gu")
+    down = rng.standard_normal((EXPERTS, WIDTH, HIDDEN)).astype(np.float32) * WIDTH ** -0.5
+    moe = MoESetup(mesh, expert_parallel)
+    edf, efd = (jax.NamedSharding(mesh, jax.P(*spec)) for spec in moe.shardings())
+    gate, up, down = jax.device_put(gate, edf), jax.device_put(up, edf), jax.device_put(down, efd)
+
+    chunks_run = []
+
+    def counted_silu(h):
+        jax.debug.callback(lambda _: chunks_run.append(1), h[0, 0])
+        return ACTIVATIONS["silu"](h)
+
+    def run(live):
+        chunks_run.clear()
+        routed = jax.jit(lambda *a: routed_experts(*a[:-1], act=counted_silu, weight_inputs=weight_inputs, moe=moe,
+                                                   live=a[-1]))
+        with jax.set_mesh(mesh):
+            out = np.asarray(routed(x, index, weight, gate, up, down, live))
+        jax.effects_barrier()
+        return out, len(chunks_run)
+
+    def chunks(token_mask):
+        """Chunks the experts' rows of these tokens take, summed over the devices that run them."""
+        rows = np.bincount(index[token_mask].reshape(-1), minlength=EXPERTS)
+        per_expert = -(-rows // chunk_rows(index.size, EXPERTS))
+        return int(per_expert.sum()) * (1 if expert_parallel else devices)  # TP: every device runs every expert
+
+    got, ran = run(live)
+    _, ran_unmasked = run(np.ones(tokens, bool))
+    with jax.set_mesh(mesh):
+        want = np.asarray(jax.jit(lambda *a: dense_experts(*a, act=ACTIVATIONS["silu"], weight_inputs=weight_inputs))(
+            x[:live_tokens], index[:live_tokens], weight[:live_tokens], gate, up, down))
+    assert ran == chunks(live) and ran_unmasked == chunks(np.ones(tokens, bool)) > ran
+    np.testing.assert_allclose(got[:live_tokens], want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+    assert not got[live_tokens:].any()
+
+
+def test_live_tokens_are_the_runner_metadata_token_count():
+    """`CausalLM.live_tokens`: the first query_start_loc[num_requests] tokens; the same from each KV-cache
+    group's metadata; none while precompiling (no requests); None where live tokens are not a prefix."""
+    import types
+
+    from jaxllm.model.causal_lm import CausalLM
+    from jaxllm.model.driver import attention_metadata
+
+    model = types.SimpleNamespace(mesh=auto_mesh(2))
+    md = attention_metadata([1, 1, 5], [10, 20, 30], np.zeros((3, 4), np.int32), max_reqs=8, num_tokens=16)
+    want = np.arange(16) < 7
+    np.testing.assert_array_equal(CausalLM.live_tokens(model, md, 16), want)
+    np.testing.assert_array_equal(CausalLM.live_tokens(model, {"layer.0": md, "layer.1": md}, 16), want)
+    idle = dataclasses.replace(md, request_distribution=jnp.zeros(3, jnp.int32))
+    assert not np.asarray(CausalLM.live_tokens(model, idle, 16)).any()
+    assert CausalLM.live_tokens(model, dataclasses.replace(md, pcp=object()), 16) is None
+    attention_dp = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(2, 1), ("data", "model"))
+    assert CausalLM.live_tokens(types.SimpleNamespace(mesh=attention_dp), md, 16) is None
+
+
 @pytest.mark.parametrize("experts", [1, 4, 16, 128])
 def test_chunks_keep_padding_within_half_the_pairs(experts):
     """Each expert's last chunk is padded: at most experts * (chunk - 1) extra rows, <= pairs / 2."""

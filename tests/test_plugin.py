@@ -224,3 +224,43 @@ def test_a_patch_leaves_the_replaced_function_where_it_is_defined():
 
     assert attention_interface.ragged_paged_attention is ragged_paged_attention
     assert kernel.ragged_paged_attention is not ragged_paged_attention
+
+
+def _runner_inputs(max_num_seqs: int = 8, max_num_batched_tokens: int = 256, dtype=jnp.float32):
+    """tpu-inference's `TPUModelRunner._init_inputs` run on a stand-in runner: the buckets it builds, no engine."""
+    import types
+
+    from tpu_inference.runner.tpu_runner import TPUModelRunner
+
+    runner = types.SimpleNamespace(
+        dp_size=1, dtype=dtype, speculative_config=None,
+        model_config=types.SimpleNamespace(get_sliding_window=lambda: None, max_model_len=256,
+                                           get_vocab_size=lambda: 512),
+        cache_config=types.SimpleNamespace(block_size=16, cache_dtype="auto"),
+        scheduler_config=types.SimpleNamespace(max_num_seqs=max_num_seqs,
+                                               max_num_batched_tokens=max_num_batched_tokens),
+        vllm_config=types.SimpleNamespace(sharding_config=types.SimpleNamespace(prefill_cp_size=1),
+                                          additional_config={}, speculative_config=None,
+                                          parallel_config=types.SimpleNamespace(tensor_parallel_size=1)))
+    TPUModelRunner._init_inputs(runner)
+    return runner
+
+
+def test_runner_buckets_start_small_off_tpu(monkeypatch):
+    """Off TPU a decode of one request of an fp32 model is padded to 1 token and 2 logits rows, not 16
+    and 8; of a bf16 model, to 2 tokens (a one-row product converts bf16 weights to fp32 on the CPU);
+    the buckets above stay powers of two. A MIN_TOKEN_BUCKET the user sets is kept."""
+    import os
+
+    from tpu_inference.runner import utils as runner_utils
+
+    monkeypatch.delenv("MIN_TOKEN_BUCKET", raising=False)
+    runner = _runner_inputs()
+    assert runner.num_tokens_paddings == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert runner.num_reqs_paddings == [2, 4, 8]
+    assert [runner_utils.get_padded_num_reqs_with_upper_limit(n, 8) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
+    assert "MIN_TOKEN_BUCKET" not in os.environ  # set only while the runner reads it
+    assert _runner_inputs(dtype=jnp.bfloat16).num_tokens_paddings[0] == 2
+
+    monkeypatch.setenv("MIN_TOKEN_BUCKET", "32")
+    assert _runner_inputs().num_tokens_paddings[0] == 32

@@ -7,10 +7,11 @@ abstract, and the step is only compiled; XLA's `memory_analysis()` says how much
 it would hold besides its arguments (`temp_size_in_bytes`).
 
 The steps are the shapes tpu-inference's runner sends: at least 16 tokens (its
-smallest bucket) and at least 8 logits rows. (A step of a single token or a single
-logits row, which the runner never sends, makes XLA's CPU backend convert every
-weight to fp32, since it has no bf16 matrix-vector kernel: 9.0 GiB for 4.6 GiB of
-weights.) Before the fixes, each o_proj was transposed at every step (0.25 GiB) and
+smallest bucket on TPU) and at least 8 logits rows. (A step of a single token or a
+single logits row makes XLA's CPU backend convert every weight to fp32, since it has
+no bf16 matrix-vector kernel: 9.0 GiB for 4.6 GiB of weights. Off TPU, jaxllm's bucket
+patches let the runner go down to 2 rows, and to 1 token only for fp32 models:
+`jaxllm.vllm_plugin.host.MIN_ROWS`.) Before the fixes, each o_proj was transposed at every step (0.25 GiB) and
 the jitted dummy-weight init held 27.6 GiB.
 """
 
@@ -97,11 +98,12 @@ def working_set_bound(config, num_tokens: int) -> int:
     return tokens + attention
 
 
-@pytest.mark.parametrize("num_tokens", [16, 64])
-def test_decode_step_temporaries_follow_tokens(gemma4_31b_widths, num_tokens):
+@pytest.mark.parametrize("num_tokens, logits_rows", [(2, 2), (16, 8), (64, 8)])
+def test_decode_step_temporaries_follow_tokens(gemma4_31b_widths, num_tokens, logits_rows):
+    """(2, 2): the smallest bf16 step the runner sends off TPU (jaxllm.vllm_plugin.host.MIN_ROWS)."""
     model, mesh, _ = gemma4_31b_widths
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
-    temporaries = step_temporaries(model, mesh, num_tokens)
+    temporaries = step_temporaries(model, mesh, num_tokens, logits_rows)
     bound = working_set_bound(model.config, num_tokens)
     assert bound < weights / 16  # the bound is far below anything weight-sized
     assert temporaries <= bound, (f"{temporaries / 2**20:.0f} MiB of temporaries for {num_tokens} token(s), "

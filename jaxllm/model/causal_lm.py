@@ -163,6 +163,24 @@ class CausalLM(nnx.Module):
             return slot, attention_metadata[f"layer.{i if metadata_layer is None else metadata_layer}"]
         return slot, attention_metadata
 
+    def live_tokens(self, attention_metadata, num_tokens: int) -> jax.Array | None:
+        """[T]: True for the step's tokens, False for the padding the runner adds after them to reach
+        its token bucket. The runner counts a step's requests in `request_distribution[2]` and fills
+        `query_start_loc` past the last request with the token total, so this reads the total.
+
+        None (every token live) where the live tokens are not a prefix: with attention data
+        parallelism each rank's share is padded on its own, and prefill context parallelism
+        (`pcp`) permutes the tokens into rank order.
+        """
+        if get_mesh_shape_product(self.mesh, Axis.ATTN_DATA) > 1:
+            return None
+        md = attention_metadata
+        if isinstance(md, dict):  # several KV-cache groups: the same requests and tokens in each
+            md = next(iter(md.values()))
+        if getattr(md, "pcp", None) is not None:
+            return None
+        return jnp.arange(num_tokens) < md.query_start_loc[md.request_distribution[2]]
+
     def compute_logits(self, hidden_states: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
             return jnp.einsum("TD,VD->TV", hidden_states, self.embed[...])

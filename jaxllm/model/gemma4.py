@@ -115,13 +115,13 @@ class Gemma4DecoderLayer(nnx.Module):
             self.post_per_layer_input_norm = RMSNormScaledInFP32(d, eps, dtype)
         self.layer_scalar = ones((1,), dtype)
 
-    def __call__(self, kv_cache, x, positions, metadata, donor_kv, per_layer_input, block_ids=None):
+    def __call__(self, kv_cache, x, positions, metadata, donor_kv, per_layer_input, block_ids=None, live=None):
         kv_cache, kv, attended = self.attn(kv_cache, self.input_layernorm(x), positions, metadata, donor_kv,
                                            block_ids)
         x = x + self.post_attention_layernorm(attended)
         ffw = self.mlp(self.pre_feedforward_layernorm(x))
         if self.enable_moe_block:
-            experts = self.moe(x, self.pre_feedforward_layernorm_2(x))
+            experts = self.moe(x, self.pre_feedforward_layernorm_2(x), live)
             ffw = self.post_feedforward_layernorm_1(ffw) + self.post_feedforward_layernorm_2(experts)
         x = x + self.post_feedforward_layernorm(ffw)
         if self.per_layer_input:
@@ -264,6 +264,7 @@ class JaxGemma4ForCausalLM(CausalLM):
         runs = {}  # id(metadata) -> its vision runs: every group's metadata describes the same tokens
         kv_caches = list(kv_caches)
         donor_kv = {}  # donor layer -> the (k, v) it computed this step, for the layers sharing its cache
+        live = self.live_tokens(attention_metadata, x.shape[0]) if c.enable_moe_block else None
         for i, layer in enumerate(self.layers):
             spec = c.layers[i]
             slot, metadata = self.layer_cache(i, layer_name_to_kvcache_index, attention_metadata,
@@ -275,7 +276,7 @@ class JaxGemma4ForCausalLM(CausalLM):
                 block_ids = runs[id(metadata)]
             kv_caches[slot], kv, x = layer(kv_caches[slot], x, metadata.input_positions, metadata,
                                            donor_kv.get(spec.kv_donor), None if per_layer is None else per_layer[:, i],
-                                           block_ids)
+                                           block_ids, live)
             if i in c.kv_donors:
                 donor_kv[i] = kv
         return kv_caches, self.norm(x), [], None

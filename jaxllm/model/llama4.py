@@ -73,10 +73,12 @@ class Llama4DecoderLayer(nnx.Module):
         else:
             self.feed_forward = GatedMLP(config.hidden_size, config.intermediate_size_mlp, "silu", dtype, rngs)
 
-    def __call__(self, kv_cache, x, positions, metadata):
+    def __call__(self, kv_cache, x, positions, metadata, live):
         kv_cache, attended = self.attn(kv_cache, self.input_layernorm(x), positions, metadata)
         x = x + attended
-        return kv_cache, x + self.feed_forward(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return kv_cache, x + (self.feed_forward(h, live) if isinstance(self.feed_forward, Llama4MoE)
+                              else self.feed_forward(h))
 
 
 class JaxLlama4ForCausalLM(CausalLM):
@@ -127,9 +129,10 @@ class JaxLlama4ForCausalLM(CausalLM):
                  layer_name_to_kvcache_index=None, *unused_args, **unused_kwargs):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         kv_caches = list(kv_caches)
+        live = self.live_tokens(attention_metadata, x.shape[0])
         for i, layer in enumerate(self.layers):
             slot, metadata = self.layer_cache(i, layer_name_to_kvcache_index, attention_metadata)
-            kv_caches[slot], x = layer(kv_caches[slot], x, metadata.input_positions, metadata)
+            kv_caches[slot], x = layer(kv_caches[slot], x, metadata.input_positions, metadata, live)
         return kv_caches, self.norm(x), [], None
 
 

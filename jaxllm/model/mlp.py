@@ -160,10 +160,12 @@ class Experts(nnx.Module):
         self.up_proj = param(rngs, (num_experts, hidden, intermediate), dtype, edf)
         self.down_proj = param(rngs, (num_experts, intermediate, hidden), dtype, efd)
 
-    def __call__(self, x: jax.Array, index: jax.Array, weight: jax.Array, *, weight_inputs: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, index: jax.Array, weight: jax.Array, *, weight_inputs: bool,
+                 live: jax.Array | None = None) -> jax.Array:
         """sum_j weight[t, j] * expert_{index[t, j]}(x[t]), or expert(weight * x[t]) if `weight_inputs`.
 
-        `index`, `weight`: [T, k], each token's chosen experts and their weights.
+        `index`, `weight`: [T, k], each token's chosen experts and their weights. `live` [T]:
+        False for the runner's padding tokens, whose outputs nobody reads: routed, they run no expert.
         """
         w = quantization.expert_weights(self)  # plain, or quantized (an FP8 checkpoint, Qwix rules)
         weights = (w.gate_proj, w.up_proj, w.down_proj)
@@ -171,15 +173,17 @@ class Experts(nnx.Module):
             return dense_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs,
                                  act_rule=w.act_rule)
         return routed_experts(x, index, weight, *weights, act=self.act, weight_inputs=weight_inputs, moe=self.moe,
-                              act_rule=w.act_rule)
+                              act_rule=w.act_rule, live=live)
 
 
 def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool, moe: MoESetup,
-                   act_rule=None) -> jax.Array:
+                   act_rule=None, live: jax.Array | None = None) -> jax.Array:
     """The chosen experts only, each device running the pairs of the experts it holds (see `_local_experts`).
 
     The weights are arrays, or Qwix `QArray`s when quantized (an FP8 checkpoint, Qwix rules);
-    `act_rule`: the Qwix rule that quantizes the expert inputs too (`quantization.expert_einsum`)."""
+    `act_rule`: the Qwix rule that quantizes the expert inputs too (`quantization.expert_einsum`).
+    `live` [T] (default: every token): tokens whose pairs run; the others come out 0.
+    """
     tokens = P(Axis.MLP_DATA, None)
     edf, efd = (P(*spec) for spec in moe.shardings())
     expert_axis = Axis.EXPERT if moe.expert_parallel else None  # each device's own experts, else all of them
@@ -187,8 +191,10 @@ def routed_experts(x, index, weight, gate, up, down, *, act, weight_inputs: bool
     local = functools.partial(_local_experts, act=act, weight_inputs=weight_inputs,
                               chunk=chunk_rows(index.size, gate.shape[0]), expert_axis=expert_axis,
                               reduce_axis=reduce_axis, act_rule=act_rule)
-    return jax.shard_map(local, mesh=moe.mesh, in_specs=(tokens, tokens, tokens, edf, edf, efd),
-                         out_specs=tokens, check_vma=False)(x, index, weight, gate, up, down)
+    if live is None:
+        live = jnp.ones(x.shape[:1], bool)
+    return jax.shard_map(local, mesh=moe.mesh, in_specs=(tokens, tokens, tokens, P(Axis.MLP_DATA), edf, edf, efd),
+                         out_specs=tokens, check_vma=False)(x, index, weight, live, gate, up, down)
 
 
 def chunk_rows(pairs: int, num_experts: int) -> int:
@@ -202,11 +208,11 @@ def chunk_rows(pairs: int, num_experts: int) -> int:
     return 1 << min(8, max(0, (pairs // (2 * num_experts)).bit_length() - 1))
 
 
-def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chunk, expert_axis, reduce_axis,
+def _local_experts(x, index, weight, live, gate, up, down, *, act, weight_inputs, chunk, expert_axis, reduce_axis,
                    act_rule):
     """One device: its experts' pairs, sorted by expert, each expert's rows `chunk` at a time.
 
-    x: [T, D] (every token); index, weight: [T, k]; gate, up: [E_local, D, F_local],
+    x: [T, D] (every token); index, weight: [T, k]; live: [T]; gate, up: [E_local, D, F_local],
     down: [E_local, F_local, D]. With expert parallelism the device holds experts
     [first, first + E_local) and pairs of other experts are skipped; with tensor
     parallelism it holds every expert and a slice of F. Each holds a partial sum of
@@ -217,8 +223,8 @@ def _local_experts(x, index, weight, gate, up, down, *, act, weight_inputs, chun
     mm = functools.partial(quantization.expert_einsum, act_rule=act_rule)
     first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * local_experts
     expert = index.reshape(-1) - first
-    here = (expert >= 0) & (expert < local_experts)
-    expert = jnp.where(here, expert, local_experts)  # other devices' pairs sort last and never run
+    here = (expert >= 0) & (expert < local_experts) & jnp.repeat(live, k)
+    expert = jnp.where(here, expert, local_experts)  # other devices' (and padding tokens') pairs sort last, never run
     order = jnp.argsort(expert, stable=True)
     token = order // k
     pair_weight = jnp.where(here, weight.reshape(-1), 0)[order].astype(jnp.float32)
@@ -352,7 +358,8 @@ class Llama4MoE(nnx.Module):
             return dataclasses.replace(moe, impl=ExpertsImpl.ROUTED)
         return moe
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
+        """`live` [T]: False for padding tokens, whose routed experts need not run (their output is unused)."""
         logits = jnp.einsum("TD,DE->TE", x, self.router[...])
         top, index = jax.lax.top_k(logits, self.top_k)
         scores = jax.nn.sigmoid(top.astype(jnp.float32))
@@ -362,7 +369,7 @@ class Llama4MoE(nnx.Module):
             routed = self.experts(x * scores.astype(x.dtype), logits.astype(jnp.float32), top_k=1,
                                   scoring="softmax", renormalize=True)
         else:
-            routed = self.experts(x, index, scores, weight_inputs=True)
+            routed = self.experts(x, index, scores, weight_inputs=True, live=live)
         return self.shared_expert(x) + routed
 
 
@@ -397,11 +404,12 @@ class Gemma4MoE(nnx.Module):
         top = top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[...].astype(jnp.float32)[index]
         return index, top
 
-    def __call__(self, router_input: jax.Array, expert_input: jax.Array) -> jax.Array:
+    def __call__(self, router_input: jax.Array, expert_input: jax.Array, live: jax.Array | None = None) -> jax.Array:
+        """`live` [T]: False for padding tokens, whose routed experts need not run (their output is unused)."""
         if self.kernel:
             return self.experts(expert_input, self.router_logits(router_input), top_k=self.top_k,
                                 scoring="softmax", renormalize=True)
-        return self.experts(expert_input, *self.route(router_input), weight_inputs=False)
+        return self.experts(expert_input, *self.route(router_input), weight_inputs=False, live=live)
 
     def fold_per_expert_scale(self) -> None:
         """Kernel layout, after loading: scale each expert's down projection by its `per_expert_scale`

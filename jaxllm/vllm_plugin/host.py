@@ -35,6 +35,9 @@ def patches() -> list[Patch]:
     from jaxllm.attention.portable import ragged_paged_attention
 
     compiler_options = "tpu_inference.models.common.compiler_options"
+    runner = "tpu_inference.runner.tpu_runner"
+    few_requests = ("pad a step's requests (logits, sampling) to a power of two from 2, not from 8: "
+                    "on a CPU, 8 rows of LM head and sampler cost more than 2 (1 row of bf16 weights is worse)")
     attention = "tpu_inference.layers.common.attention_interface"
     no_options = "the step and sampler are jitted with xla_tpu_* options, which other backends reject"
     # sharded_ragged_paged_attention looks the kernels up at call time, inside its shard_map.
@@ -52,6 +55,11 @@ def patches() -> list[Patch]:
               _copy_numpy_inputs),
         Patch(attention, "ragged_paged_attention",
               "jaxllm's portable attention in place of the Pallas TPU kernel", lambda _: ragged_paged_attention),
+        Patch(runner, "TPUModelRunner._init_inputs",
+              "token buckets from 1 (fp32 models) or 2, not 16, unless MIN_TOKEN_BUCKET is set: on a CPU "
+              "a batch-1 decode padded to 16 tokens runs 16 tokens of matmuls", _small_token_buckets),
+        Patch("tpu_inference.runner.utils", "MIN_NUM_SEQS", few_requests, lambda _: MIN_ROWS),
+        Patch(runner, "MIN_NUM_SEQS", few_requests, lambda _: MIN_ROWS),
         Patch(attention, "ragged_paged_attention_hd64",
               "jaxllm's portable attention in place of the Pallas TPU kernel (head size 64)",
               lambda _: ragged_paged_attention),
@@ -118,6 +126,39 @@ def plain_mesh(axis_shapes, axis_names, *, devices=None):
     devices = list(devices) if devices is not None else jax.devices()
     count = int(np.prod(axis_shapes))
     return jax.sharding.Mesh(np.array(devices[:count]).reshape(axis_shapes), tuple(axis_names))
+
+
+# Off TPU, the fewest rows the runner pads a step's tokens (fp32 models) and logits rows to. XLA's CPU
+# backend has no bf16 matrix-vector product: a one-row product with bf16 weights converts the whole
+# weight to fp32 first (tests/test_step_memory.py: 9.0 GiB of temporaries for 4.6 GiB of weights,
+# 0.1 GiB from two rows). fp32 weights have one, so an fp32 model's decode of one request runs one token.
+MIN_ROWS = 2
+
+
+def _small_token_buckets(init_inputs):
+    """`_init_inputs` with tpu-inference's `MIN_TOKEN_BUCKET` knob at 1 (fp32 models) or `MIN_ROWS`,
+    unless the user set it.
+
+    The runner pads each step's tokens to its smallest bucket at least as large, and its
+    buckets start at MIN_TOKEN_BUCKET (16), which suits a TPU's tiles. Elsewhere a decode
+    of one request would run 16 tokens through every matmul, 15 of them padding. The
+    runner itself still raises the floor to what data parallelism and KV packing need
+    (`next_power_of_2(dp_size * kv_packing)`).
+    """
+    @functools.wraps(init_inputs)
+    def with_small_buckets(runner):
+        if "MIN_TOKEN_BUCKET" in os.environ:
+            return init_inputs(runner)
+        from tpu_inference.utils import to_jax_dtype
+
+        smallest = 1 if to_jax_dtype(runner.dtype) == np.float32 else MIN_ROWS
+        os.environ["MIN_TOKEN_BUCKET"] = str(smallest)  # read once, by this method (tpu_inference.envs reads lazily)
+        try:
+            return init_inputs(runner)
+        finally:
+            del os.environ["MIN_TOKEN_BUCKET"]
+
+    return with_small_buckets
 
 
 def _copy_numpy_inputs(device_array):
