@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHMARKS = [
     ["serving.py", "--reps", "2"],                # 1, 2, 3, 6: vLLM ours / built-in / HF, roofline, compiles
+    ["serving_images.py", "--reps", "2"],         # image requests: ours / built-in Gemma 4, greedy = HF
     ["in_place_and_logits.py", "--reps", "2"],    # 5: KV copies, deferred logits at a 200k vocabulary
     ["moe.py", "--reps", "3"],                    # routed vs dense MoE dispatch
     ["flops.py"],                                 # model step FLOPs vs ideal, stock vs jaxllm buckets (~4 min)

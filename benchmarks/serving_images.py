@@ -1,8 +1,9 @@
 """Image requests through vLLM: jaxllm's Gemma 4 vs tpu-inference's built-in, same checkpoint, same run.
 
-    python benchmarks/serving_images.py [--requests 16] [--reps 2]
+    python benchmarks/serving_images.py [--requests 16] [--reps 2] [--size small]
 
-The tiny multimodal Gemma 4 checkpoint (processor files, vision tower), fp32, a batch of
+The small multimodal Gemma 4 checkpoint (processor files, vision tower; head dims 128 and 256,
+which the built-in model needs: it fails to load the tiny one's 32 / 64), fp32, a batch of
 chats each with one image (different images), greedy, 16 new tokens. For each model:
 image requests per second over the whole batch, time to first token (the batch with one
 new token: its prefill, encoder included), and how many requests' greedy tokens equal Hugging Face's
@@ -85,13 +86,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--size", default="small", choices=["tiny", "small"])
     args = p.parse_args()
     from transformers import AutoTokenizer
 
     from jaxllm.checkpoints import cached_checkpoint
     from test_vllm_multimodal import vllm_prompt
 
-    path = cached_checkpoint("gemma4", "tiny", multimodal=True)
+    path = cached_checkpoint("gemma4", args.size, multimodal=True)
     conversations = chats(args.requests)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [vllm_prompt(tokenizer, messages) for messages in conversations]
@@ -108,7 +110,7 @@ def main() -> None:
     ours, builtin = results["jaxllm"], results["built-in"]
     ratio = ("" if "error" in ours or "error" in builtin else f" ours / built-in: {builtin['wall'] / ours['wall']:.2f}×")
     print(f"\n### Image requests through vLLM: {args.requests} chats with one image each, {MAX_TOKENS} new tokens, "
-          f"tiny Gemma 4 multimodal, fp32 (median of {args.reps}; {machine()}){ratio}\n")
+          f"{args.size} Gemma 4 multimodal, fp32 (median of {args.reps}; {machine()}){ratio}\n")
     print(table(["model", "image requests/s", "TTFT ms (batch)", "greedy = HF", "note"], rows))
 
 
