@@ -24,7 +24,8 @@ serve: venv
 client: venv
 	$(PY) examples/client.py --base-url http://$(HOST):$(PORT)/v1 $(ARGS)
 
-# About 15 minutes on an idle 2-core machine; test-all adds the cases marked slow (pytest -m slow).
+# About 20 minutes on a 2-core machine (24:44 in one run, its first half shared with a benchmark);
+# test-all adds the cases marked slow (pytest -m slow).
 test: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
