@@ -85,11 +85,7 @@ def hf_greedy(path, conversations_):
     return results
 
 
-# In `make test-all` only: the same paths at the other tensor-parallel size.
-SLOW_CASES = {"gemma4-tp2", "llama4"}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_multimodal_checkpoint_starts_and_matches_hf(case, monkeypatch):
     from vllm import LLM, SamplingParams
     from vllm.exceptions import VLLMValidationError
