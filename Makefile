@@ -24,7 +24,7 @@ serve: venv
 client: venv
 	$(PY) examples/client.py --base-url http://$(HOST):$(PORT)/v1 $(ARGS)
 
-# About 20 minutes on a 2-core machine (24:44 in one run, its first half shared with a benchmark);
+# About 22 minutes on an idle 2-core machine (22:05 in one run of .ci/run on a clean clone);
 # test-all adds the cases marked slow (pytest -m slow).
 test: venv
 	$(PY) -m pytest -q -m "not slow" tests
