@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one after another, each printing its own markdown tables.
 
-About 16 minutes on an idle 2-core machine (flops.py: about 4 of them). Every table compares variants measured
+About 20 minutes on an idle 2-core machine (flops.py about 4 of them, serving_images.py about 4). Every table compares variants measured
 side by side in the same run (taking turns, medians), so its ratios hold under load;
 absolute times do not.
 """
