@@ -86,14 +86,14 @@ def working_set_bound(config, num_tokens: int) -> int:
     one KV block of a decode tile of the portable attention, gathered (bf16) and as fp32 K and V.
 
     Nothing here grows with the weights, the vocabulary or the KV pool. For these widths:
-    1.8 MiB per token and 240 MiB of attention blocks.
+    1.8 MiB per token and 120 MiB of attention blocks.
     """
     widest = max(config.hidden_size, *(layer.intermediate_size for layer in config.layers),
                  *(config.num_heads * layer.head_dim for layer in config.layers))
     tokens = num_tokens * 8 * 4 * widest
     row_values = {2 * layer.num_kv_heads * layer.head_dim for layer in config.layers}  # K and V of a token
     tiling = portable.Tiling()
-    block = tiling.decode_tile * tiling.kv_block_tokens
+    block = tiling.decode_tile * tiling.decode_kv_tokens
     attention = sum(block * values * (2 + 2 * 4) for values in row_values)
     return tokens + attention
 

@@ -13,8 +13,7 @@ tokens, the new ones last. Each cache row (one token) is
 `[combined_slots // packing, packing, width]`; see `CacheLayout`.
 
 Write, then read. This step's new tokens are scattered into the cache first and
-the loops read the updated cache (each request's own new tokens also overlaid
-from `keys`/`values`, in fp32). A request may read pages another request of the
+the loops read the updated cache. A request may read pages another request of the
 same step writes: vLLM's prefix cache hands out blocks as soon as a scheduled step
 will fill them, so a request arriving with the same prefix can be scheduled beside
 the one computing it (as on GPU, where each layer writes its KV before attending).
@@ -25,7 +24,7 @@ sees its own new tokens through the overlay.
 Cost. Everything runs in `lax.while_loop`s whose trip counts come from the
 metadata, so work follows the tokens actually attended, not `max_model_len`:
 - decode rows go `Tiling.decode_tile` at a time, each row gathering its own pages,
-  over the KV blocks that the rows in the tile need; fewer than
+  over the KV blocks (`Tiling.decode_kv_tokens`) that the rows in the tile need; fewer than
   `Tiling.few_decode_rows` rows go one at a time, since a tile gathers and computes
   all its rows, live or not;
 - every other request goes query block by query block, over only the KV blocks
@@ -49,8 +48,9 @@ class Tiling:
     enough that a tile's gathered pages stay in cache."""
     decode_tile: int = 8        # decode rows per tile
     few_decode_rows: int = 4    # below this many decode rows, tiles of one row (batch 1: 1/8 of the work)
+    decode_kv_tokens: int = 128  # KV tokens per block of a decode row (each row gathers its own)
     query_block: int = 128      # query tokens per prefill block
-    kv_block_tokens: int = 256  # KV tokens per block
+    kv_block_tokens: int = 256  # KV tokens per block of a prefill block
 
 
 def _align(x: int, a: int) -> int:
@@ -180,7 +180,6 @@ def ragged_paged_attention(
         raise ValueError(f"block_ids shape {block_ids.shape} != ({num_tokens},), one per query token")
 
     batch = _Batch.build(kv_lens, page_indices, cu_q_lens, distribution, num_tokens)
-    pages_per_block = max(1, tiling.kv_block_tokens // page_size)
     masks = _Masks(use_causal_mask, sliding_window, chunk_size)
     # Quantized caches, as the kernel dequantizes them (kernel.py, flash_attention_step1/2): the cache
     # and the new K/V hold values / scale; scores are scaled by sm_scale * k_scale (* q_scale, with
@@ -189,9 +188,11 @@ def ragged_paged_attention(
     scored_queries = queries if q_scale is None else _quantize_like_kernel(queries, q_scale, kv_cache.dtype)
     pad = max(tiling.decode_tile, tiling.query_block)
     blocks = None if block_ids is None else _Blocks.build(block_ids, batch, pad)
-    attend = _Attend(layout, batch, keys.astype(jnp.float32), values.astype(jnp.float32), page_size,
-                     pages_per_block, tiling.query_block, masks, score_scale, v_scale, soft_cap, attention_sink,
-                     num_heads, queries.dtype, blocks)
+    # Written first, the cache holds this step's K/V in the values `keys`/`values` carry (already in
+    # its dtype); only a call that writes nothing reads them from beside the cache.
+    overlay = None if update_kv_cache else (keys.astype(jnp.float32), values.astype(jnp.float32))
+    attend = _Attend(layout, batch, *(overlay or (None, None)), page_size, tiling, masks, score_scale, v_scale,
+                     soft_cap, attention_sink, num_heads, queries.dtype, blocks)
 
     if update_kv_cache:
         kv_cache = _write_kv(kv_cache, layout.merge(keys, values), batch, page_size)
@@ -315,11 +316,12 @@ class _Masks:
 class _Attend:
     layout: CacheLayout
     batch: _Batch
-    new_keys: jax.Array    # [T, K, H] fp32, this step's tokens, overlaid on what the cache holds
-    new_values: jax.Array
+    # [T, K, H] fp32, this step's tokens, overlaid on what the cache holds; None where the
+    # cache was written first and holds them already, in the same values.
+    new_keys: jax.Array | None
+    new_values: jax.Array | None
     page_size: int
-    pages_per_block: int
-    query_block: int
+    tiling: Tiling
     masks: _Masks
     score_scale: float       # sm_scale, times k_scale (and q_scale) of a quantized cache
     v_scale: float | None    # a quantized cache's value scale, applied to p @ v
@@ -329,25 +331,24 @@ class _Attend:
     out_dtype: jnp.dtype
     blocks: _Blocks | None = None
 
-    @property
-    def block_tokens(self):
-        return self.pages_per_block * self.page_size
-
     def _new_tokens(self, request, k_pos):
         """Which key positions k_pos [..., s] of `request` are this step's tokens, and their token index."""
         batch = self.batch
         kv_len = batch.kv_lens[request][..., None]
         first_new = kv_len - batch.q_lens[request][..., None]
         is_new = (k_pos >= first_new) & (k_pos < kv_len)
-        token = jnp.clip(batch.q_starts[request][..., None] + k_pos - first_new, 0, self.new_keys.shape[0] - 1)
+        token = jnp.clip(batch.q_starts[request][..., None] + k_pos - first_new, 0, batch.token_request.shape[0] - 1)
         return is_new, token
 
-    def _kv_block(self, kv_cache, request, block, k_pos):
-        """K, V [..., block_tokens, K, H] in fp32 at positions k_pos of `request`: the cache, or this step's tokens."""
-        pages = self.batch.pages(request, block * self.pages_per_block, self.pages_per_block)
+    def _kv_block(self, kv_cache, request, block, num_pages, k_pos):
+        """K, V [..., s, K, H] in fp32 at positions k_pos [s] (block `block` of `num_pages` pages) of
+        `request`: the cache, or this step's tokens."""
+        pages = self.batch.pages(request, block * num_pages, num_pages)
         rows = kv_cache[pages]                      # [..., pages, page_size, slots/p, p, width]
-        rows = rows.reshape(*rows.shape[:-5], self.block_tokens, *rows.shape[-3:])
+        rows = rows.reshape(*rows.shape[:-5], k_pos.shape[0], *rows.shape[-3:])
         k, v = self.layout.split(rows)
+        if self.new_keys is None:
+            return k.astype(jnp.float32), v.astype(jnp.float32)
         is_new, token = self._new_tokens(request, k_pos)
         is_new = is_new[..., None, None]
         k = jnp.where(is_new, self.new_keys[token], k.astype(jnp.float32))
@@ -369,7 +370,15 @@ class _Attend:
     def _update(self, state, q, k, v, allowed):
         """Fold one KV block into the state. q [..., q, K, G, H]; k, v [..., s, K, H]; allowed [..., q, s]."""
         m, l, acc = state
-        s = jnp.einsum("...qkgh,...skh->...qkgs", q, k, preferred_element_type=jnp.float32) * self.score_scale
+        # One query per row (decode rows): scores and p @ v as broadcast products summed, which XLA
+        # fuses into loops reading the gathered block in place. A batched dot over (row, KV head)
+        # would first copy K and V into a head-major layout, every block (2-3x the decode step on CPU).
+        one_query = q.shape[-4] == 1
+        if one_query:
+            keys = jnp.swapaxes(k, -3, -2)[..., None, :, None, :, :]    # [..., 1, K, 1, s, H]
+            s = jnp.sum(q[..., None, :] * keys, axis=-1) * self.score_scale
+        else:
+            s = jnp.einsum("...qkgh,...skh->...qkgs", q, k, preferred_element_type=jnp.float32) * self.score_scale
         if self.soft_cap is not None:
             s = self.soft_cap * jnp.tanh(s / self.soft_cap)
         allowed = allowed[..., :, None, None, :]
@@ -379,7 +388,10 @@ class _Attend:
         p = jnp.where(allowed, jnp.exp(s - m_safe[..., None]), 0.0)
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + p.sum(axis=-1)
-        pv = jnp.einsum("...qkgs,...skh->...qkgh", p, v)
+        if one_query:
+            pv = jnp.sum(p[..., None] * jnp.swapaxes(v, -3, -2)[..., None, :, None, :, :], axis=-2)
+        else:
+            pv = jnp.einsum("...qkgs,...skh->...qkgh", p, v)
         if self.v_scale is not None:
             pv = pv * self.v_scale
         acc = alpha[..., None] * acc + pv
@@ -390,12 +402,15 @@ class _Attend:
         _, l, acc = state
         return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(dtype)
 
-    def _attend_range(self, kv_cache, q, q_pos, request, kv_len, first_block, end_block, q_blocks=None):
-        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over KV blocks [first_block, end_block);
-        `q_blocks` [..., q]: the queries' bidirectional block ids."""
+    def _attend_range(self, kv_cache, q, q_pos, request, kv_len, first_key, end_key, block_tokens, q_blocks=None):
+        """Attend queries q [..., q, K, G, H] at q_pos [..., q] over the KV blocks of `block_tokens`
+        that hold key positions [first_key, end_key); `q_blocks` [..., q]: the queries' bidirectional block ids."""
+        num_pages = max(1, block_tokens // self.page_size)
+        block_tokens = num_pages * self.page_size
+
         def body(block, state):
-            k_pos = block * self.block_tokens + jnp.arange(self.block_tokens)
-            k, v = self._kv_block(kv_cache, request, block, k_pos)
+            k_pos = block * block_tokens + jnp.arange(block_tokens)
+            k, v = self._kv_block(kv_cache, request, block, num_pages, k_pos)
             same_block = None
             if q_blocks is not None:
                 is_new, token = self._new_tokens(request, k_pos)
@@ -407,7 +422,8 @@ class _Attend:
             # through p @ v.
             v = jnp.where(allowed.any(axis=-2)[..., None, None], v, 0.0)
             return self._update(state, q.astype(jnp.float32), k, v, allowed)
-        state = lax.fori_loop(first_block, end_block, body, self._init_state(q.shape))
+        state = lax.fori_loop(first_key // block_tokens, _cdiv(end_key, block_tokens), body,
+                              self._init_state(q.shape))
         return self._finish(state, self.out_dtype)
 
     def decode_rows(self, q, out, kv_cache, tile: int):
@@ -428,8 +444,8 @@ class _Attend:
             first = jnp.where(live, self.masks.first_key(q_pos), jnp.iinfo(jnp.int32).max).min()
             end = jnp.where(live, self.masks.key_end(q_pos, kv_len), 0).max()
             q_tile = lax.dynamic_slice_in_dim(q, i * tile, tile)[:, None]  # [tile, 1, K, G, H]
-            new = self._attend_range(kv_cache, q_tile, q_pos[:, None], request, kv_len,
-                                     first // self.block_tokens, _cdiv(end, self.block_tokens))
+            new = self._attend_range(kv_cache, q_tile, q_pos[:, None], request, kv_len, first, end,
+                                     self.tiling.decode_kv_tokens)
             old = lax.dynamic_slice_in_dim(out, i * tile, tile)
             out = lax.dynamic_update_slice_in_dim(out, jnp.where(live[:, None, None, None], new[:, 0], old),
                                                   i * tile, 0)
@@ -439,7 +455,7 @@ class _Attend:
 
     def query_blocks(self, q, out, kv_cache):
         """Prefill and mixed requests, `query_block` query tokens at a time."""
-        batch, bq = self.batch, self.query_block
+        batch, bq = self.batch, self.tiling.query_block
 
         def request_body(r, out):
             q_start, q_len, kv_len = batch.q_starts[r], batch.q_lens[r], batch.kv_lens[r]
@@ -457,8 +473,8 @@ class _Attend:
                     q_blocks = lax.dynamic_slice_in_dim(self.blocks.ids, q_start + j * bq, bq)
                     block_end = lax.dynamic_slice_in_dim(self.blocks.key_end, q_start + j * bq, bq)
                     end = jnp.maximum(end, jnp.minimum(jnp.where(live, block_end, 0).max(), kv_len))
-                new = self._attend_range(kv_cache, q_block, q_pos, r, kv_len,
-                                         first // self.block_tokens, _cdiv(end, self.block_tokens), q_blocks)
+                new = self._attend_range(kv_cache, q_block, q_pos, r, kv_len, first, end,
+                                         self.tiling.kv_block_tokens, q_blocks)
                 old = lax.dynamic_slice_in_dim(out, q_start + j * bq, bq)
                 return lax.dynamic_update_slice_in_dim(
                     out, jnp.where(live[:, None, None, None], new, old), q_start + j * bq, 0)
