@@ -18,6 +18,7 @@ BENCHMARKS = [
     ["moe.py", "--reps", "3"],                    # routed vs dense MoE dispatch
     ["flops.py"],                                 # model step FLOPs vs ideal, stock vs jaxllm buckets (~4 min)
     ["decode_rows.py", "--reps", "3"],            # decode rows one at a time vs tiles of 8
+    ["decode_attention.py", "--reps", "5"],       # decode rows: before vs after issue #16's change
     ["attention.py", "--plot", str(HERE / "attention.png")],  # 4: portable RPA vs context and capacity
     ["kv_capacity.py"],                           # window-aware KV cache vs full length, vLLM's planner
     ["fits.py"],                                  # what fits per TPU slice, weight and KV format (planner only)

@@ -1,0 +1,75 @@
+"""The portable attention on decode batches: this checkout against an earlier revision of it, side by side.
+
+    python benchmarks/decode_attention.py [--before 4718778] [--reps 7]
+
+`--before` names a git revision; its `jaxllm/attention/portable.py` is loaded beside the
+current one (the default is main before issue #16's decode-row change: scores and p @ v
+as batched dots, K/V blocks of 256 tokens, this step's K/V overlaid on the cache). Both are
+jitted the same way (cache donated, as the runner does), take turns, and each figure is a
+median, so machine load hits both alike. Shapes from benchmarks/attention.py (8 query and
+2 KV heads of 128, pages of 16 tokens); every request decodes one token at `context`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from attention import HEAD_DIM, Timed, median_ms, paged_case  # noqa: E402
+from common import fmt, machine, table  # noqa: E402
+
+from jaxllm.attention import portable  # noqa: E402
+
+CASES = ((1, 144), (1, 4096), (8, 144), (8, 1024), (16, 144), (16, 1024), (16, 4096))  # (decodes, context)
+
+
+def portable_at(revision: str):
+    """jaxllm/attention/portable.py as it was at `revision`, imported as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:jaxllm/attention/portable.py"], cwd=HERE.parent,
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"portable_{revision}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", default="4718778")
+    p.add_argument("--reps", type=int, default=7)
+    args = p.parse_args()
+    calls = {name: jax.jit(functools.partial(module.ragged_paged_attention, sm_scale=HEAD_DIM ** -0.5),
+                           donate_argnums=3)
+             for name, module in (("before", portable_at(args.before)), ("after", portable))}
+    rows = []
+    for batch, context in CASES:
+        cases = {name: paged_case(context, batch, 0, 2 * context, np.random.default_rng(0))[0] for name in calls}
+        timed = [Timed(calls[name], *cases[name], cache_arg=3) for name in calls]
+        outs = []
+        for t in timed:
+            out, t.args[3] = t.fn(*t.args)  # the cache is donated: carry the new one on
+            outs.append(np.asarray(out))
+        before, after = median_ms(timed, args.reps)
+        rows.append([f"{batch} decode{'s' * (batch > 1)}, context {context}", fmt(before), fmt(after),
+                     f"{before / after:.2f}x", f"{np.abs(outs[0] - outs[1]).max():.1e}"])
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"\n### Portable attention, decode batches: {args.before} vs this checkout, attention call alone "
+          f"(median of {args.reps}, alternating; {machine()})\n")
+    print(table(["step", "before ms", "after ms", "faster by", "max |out difference|"], rows))
+
+
+if __name__ == "__main__":
+    main()
