@@ -24,7 +24,7 @@ serve: venv
 client: venv
 	$(PY) examples/client.py --base-url http://$(HOST):$(PORT)/v1 $(ARGS)
 
-# About 22 minutes on an idle 2-core machine (22:05 in one run of .ci/run on a clean clone);
+# 22-30 minutes on an idle 2-core machine (22:05 and 30:19 in two runs of .ci/run on clean clones, the VM's speed varies);
 # test-all adds the cases marked slow (pytest -m slow).
 test: venv
 	$(PY) -m pytest -q -m "not slow" tests
